@@ -1,0 +1,11 @@
+"""Where the shipped assets live."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+DIGITS_DIR = ASSETS / "digits"
+DIGITS_PIPELINE = DIGITS_DIR / "pipeline"
+DIGITS_ADAPTERS = DIGITS_DIR / "adapters"
+DIGITS_EVAL = DIGITS_DIR / "eval"
+PRESETS = ASSETS / "presets"
