@@ -1,0 +1,236 @@
+"""LoRA adapters on the UNet: add (PEFT, explicit rank and alpha), save in diffusers
+format, export kohya format, load either format, switch named adapters on one base
+model, and fuse with a scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+# PCM's target list (REFERENCE section 4): attention, feed-forward, resnet convs and time proj.
+TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+    "time_emb_proj",
+]
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet, rank: int, alpha: float, adapter_name: str = "default",
+             target_modules: list[str] | None = None) -> list[torch.nn.Parameter]:
+    """Add a trainable LoRA (fp32 weights) to ``unet``; return its parameters.
+
+    alpha is always explicit: PEFT's default (8) silently scales rank-64 LoRAs by 1/8.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"lora rank must be >= 1, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                        target_modules=target_modules or TARGET_MODULES)
+    unet.add_adapter(config, adapter_name=adapter_name)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT state dict of one adapter (keys without the adapter name)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet, adapter_name=adapter_name)
+
+
+def save_lora(unet, out_dir: str | Path, adapter_name: str = "default",
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Save one adapter in diffusers format, loadable by stock ``pipe.load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    # Bake alpha / r into lora_B so that every loader (diffusers, kohya tools) that
+    # assumes alpha = r reproduces the trained adapter exactly.
+    config = unet.peft_config[adapter_name]
+    scale = config.lora_alpha / config.r
+    state = {k: v * scale if "lora_B" in k else v
+             for k, v in lora_state_dict(unet, adapter_name).items()}
+    state = convert_state_dict_to_diffusers(state)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state,
+                                              safe_serialization=True)
+    return out_dir / WEIGHT_NAME
+
+
+def export_kohya(lora_file: str | Path, out_file: str | Path) -> Path:
+    """Convert a diffusers-format LoRA file to kohya keys (ComfyUI / A1111)."""
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(_weights_file(lora_file)))
+    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if not unet:
+        raise ValueError(f"{lora_file} holds no UNet LoRA keys (expected 'unet.*')")
+    peft_state = {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(unet).items()}
+    kohya = convert_state_dict_to_kohya(peft_state)
+    kohya = {k.replace("lora_unet_unet_", "lora_unet_"): v.contiguous() for k, v in kohya.items()}
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(kohya, str(out_file))
+    return out_file
+
+
+def _weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA weights must be a .safetensors file")
+    return path
+
+
+def check_lora_file(path: str | Path) -> Path:
+    """Validate a LoRA file (diffusers or kohya keys) before loading it."""
+    from safetensors import safe_open
+
+    path = _weights_file(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    if not any("lora" in k for k in keys):
+        raise ValueError(f"{path} holds no LoRA weights (no 'lora' keys; is it a full model?)")
+    return path
+
+
+class AdapterSet:
+    """Several named LoRAs on one base pipeline; switching changes no base weights."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.loaded: dict[str, Path] = {}
+        self.active: str | None = None
+        self.last_switch_s = 0.0
+
+    def load(self, name: str, path: str | Path) -> None:
+        """Load a diffusers- or kohya-format file (diffusers converts kohya keys)."""
+        if name in self.loaded:
+            return
+        weights = check_lora_file(path)
+        self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
+                                    adapter_name=name)
+        self.loaded[name] = weights
+        self.active = "?"  # loading activates the new adapter; force the next switch
+
+    def use(self, name: str | None, scale: float = 1.0) -> float:
+        """Activate one adapter (None = the base model); return the switch time in seconds."""
+        t0 = time.perf_counter()
+        if name != self.active:
+            if name is None:
+                if self.loaded:
+                    self.pipe.disable_lora()
+            else:
+                if name not in self.loaded:
+                    raise KeyError(f"adapter {name!r} is not loaded (loaded: {list(self.loaded)})")
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([name], adapter_weights=[scale])
+            self.active = name
+        self.last_switch_s = time.perf_counter() - t0
+        return self.last_switch_s
+
+    def fuse(self, names: list[str], scales: list[float]) -> None:
+        """Fuse adapters into the base weights with the given scales."""
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(names, adapter_weights=scales)
+        self.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        self.active = "?"
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The teacher: the same UNet with its LoRA layers switched off (one weight copy)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def merge_lora_files(files: list[str | Path], scales: list[float], out_dir: str | Path,
+                     rank: int | None = None) -> Path:
+    """Merge LoRAs into one diffusers-format LoRA: the weighted sum of their deltas,
+    refactored by SVD to ``rank`` (default: the sum of the ranks, which is exact)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    deltas: dict[str, torch.Tensor] = {}
+    total_rank = 0
+    for file, scale in zip(files, scales):
+        state = load_file(str(_weights_file(file)))
+        for key, down in state.items():
+            if ".lora_A." not in key and ".lora.down." not in key:
+                continue
+            up_key = key.replace(".lora_A.", ".lora_B.").replace(".lora.down.", ".lora.up.")
+            up = state[up_key].float()
+            down = down.float()
+            base = key.split(".lora_A.")[0] if ".lora_A." in key else key.split(".lora.down.")[0]
+            delta = up.flatten(1) @ down.flatten(1)
+            deltas[base] = deltas.get(base, 0) + scale * delta
+            shapes = (up.shape, down.shape)
+            deltas.setdefault(f"__shape__{base}", shapes)  # type: ignore[arg-type]
+        total_rank += max((v.shape[0] for k, v in state.items() if ".lora_A." in k), default=0)
+    rank = rank or total_rank
+    merged: dict[str, torch.Tensor] = {}
+    for base, delta in deltas.items():
+        if base.startswith("__shape__"):
+            continue
+        up_shape, down_shape = deltas[f"__shape__{base}"]
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        up = (u[:, :r] * root).reshape(up_shape[0], r, *up_shape[2:])
+        down = (root[:, None] * vh[:r]).reshape(r, *down_shape[1:])
+        merged[f"{base}.lora_A.weight"] = down.contiguous()
+        merged[f"{base}.lora_B.weight"] = up.contiguous()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet_state = {k.removeprefix("unet."): v for k, v in merged.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers={f"{k}": v for k, v in unet_state.items()},
+        safe_serialization=True)
+    return out_dir / WEIGHT_NAME
+
+
+def load_lora_into(unet, path: str | Path, adapter_name: str) -> None:
+    """Load a diffusers- or PEFT-keyed LoRA file into an existing adapter of ``unet``
+    (a stage starting from the previous stage's final adapter). Ranks must match."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(check_lora_file(path)))
+    state = {k.removeprefix("unet."): v for k, v in state.items()
+             if not k.startswith("text_encoder")}
+    state = convert_unet_state_dict_to_peft(state)
+    config = unet.peft_config[adapter_name]
+    ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
+    if ranks != {config.r}:
+        raise ValueError(f"{path} has LoRA rank {sorted(ranks)}, but the stage's lora_rank is "
+                         f"{config.r}; set lora_rank to match the initial adapter")
+    # saved files carry alpha / r inside lora_B (see save_lora): undo it for this adapter
+    scale = config.lora_alpha / config.r
+    state = {k: v / scale if "lora_B" in k else v for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} keys do not match this UNet "
+                         f"(e.g. {unexpected[0]}); was it trained on another model?")
