@@ -1,0 +1,114 @@
+"""Hyper-SD Studio: train & monitor distillation stages, compare methods, run a blind study.
+
+    python app.py                      # the digits world on 127.0.0.1:7860, no GPU needed
+    python app.py --model models/sd15  # a local SD1.5 / SDXL pipeline folder
+    python app.py --public             # reachable by others: training controls off
+
+Settings also come from env vars: HYPERSD_MODEL, HYPERSD_RUNS_DIR, HYPERSD_STUDY_DB,
+HYPERSD_LORA_DIR, HYPERSD_MODELS_DIR, HYPERSD_DATA_DIR, GRADIO_SERVER_NAME/PORT.
+On a Hugging Face Space (SPACE_ID set) it listens on 0.0.0.0 with training off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
+from hypersd_core.appsupport import AppSettings, ModelService
+from hypersd_core.paths import ROOT
+from hypersd_core.study import STUDY_YAML, StudyConfig, StudyStore
+from train_tab import build_rewards_tab, build_train_tab
+from train_tab import controller as train_ctl
+
+TITLE = "Hyper-SD Studio"
+
+
+def build_demo(settings: AppSettings, service: ModelService | None = None,
+               store: StudyStore | None = None) -> gr.Blocks:
+    """The whole app as a Blocks (not launched). ``service``/``store`` default to new ones."""
+    service = service or ModelService(settings.model)
+    store = store or StudyStore(settings.study_db)
+    config = StudyConfig.from_yaml(STUDY_YAML)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\nTrajectory-segmented consistency distillation, human feedback "
+                    f"and one-step score distillation, runnable. Model: `{settings.model}`.")
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                build_generate_tab(settings, service)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(settings, service)
+            with gr.Tab("Train & Monitor", id="train"):
+                train = build_train_tab(settings)
+            with gr.Tab("Rewards", id="rewards"):
+                build_rewards_tab(settings, service, train.run)
+            with gr.Tab("User study", id="study"):
+                build_study_tab(settings, service, store, config)
+
+        def reattach():
+            """After a reload or restart: list runs from disk and select the live one."""
+            return gr.Dropdown(choices=train_ctl.run_choices(settings),
+                               value=train_ctl.default_run(settings) or None)
+
+        demo.load(reattach, None, train.run, api_visibility="private")
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
+    demo.hypersd = {"settings": settings, "service": service, "store": store}  # for tests
+    return demo
+
+
+def blocked_paths(settings: AppSettings) -> list[str]:
+    """Never served: run folders (checkpoints, adapters, logs), the vote DB and its salt,
+    model and LoRA weights, and secrets."""
+    db = settings.study_db
+    paths = [settings.runs_dir, db, db.with_name(db.name + "-wal"),
+             db.with_name(db.name + "-shm"), db.parent / "study_salt", settings.lora_dir,
+             settings.models_dir, ROOT / ".env", Path.cwd() / ".env", ROOT / ".git"]
+    return [str(p) for p in dict.fromkeys(paths)]
+
+
+def launch_kwargs(settings: AppSettings) -> dict:
+    """Safe launch settings: local by default, no share link, no monitoring endpoint,
+    bounded uploads; images are served from Gradio's cache only (no extra allowed paths)."""
+    return {"server_name": settings.host, "server_port": settings.port, "share": False,
+            "enable_monitoring": False, "max_file_size": settings.max_file_size,
+            "allowed_paths": [], "blocked_paths": blocked_paths(settings), "ssr_mode": False,
+            "show_error": True, "footer_links": ["api"]}
+
+
+def parse_args(argv: list[str] | None = None) -> AppSettings:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="digits (default), or a diffusers pipeline folder / hub id")
+    parser.add_argument("--runs-dir", type=Path, help="where run folders live (default ./runs)")
+    parser.add_argument("--study-db", type=Path, help="vote database (default ./study/votes.db)")
+    parser.add_argument("--lora-dir", type=Path, help="folder of official LoRA files to offer")
+    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 7860)")
+    parser.add_argument("--public", action="store_true", default=None,
+                        help="others can reach the app: training controls are disabled")
+    args = parser.parse_args(argv)
+    return AppSettings.from_env(model=args.model, runs_dir=args.runs_dir,
+                                study_db=args.study_db, lora_dir=args.lora_dir, host=args.host,
+                                port=args.port, public=args.public)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_args(argv)
+    service = ModelService(settings.model)
+    demo = build_demo(settings, service)
+    # load the model while the page opens, so the first generation does not wait for it
+    threading.Thread(target=lambda: _warm(service), daemon=True).start()
+    demo.launch(**launch_kwargs(settings))
+
+
+def _warm(service: ModelService) -> None:
+    try:
+        _ = service.sampler
+    except Exception as err:  # shown again, with its message, on the first generation
+        print(f"model not loaded yet: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Rewards tab: a run's reward scores per reward against step (live), and a panel that
+scores images (generated with a method, or uploaded) with the chosen rewards."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from hypersd_core.appsupport import (
+    AppSettings,
+    ModelService,
+    default_rewards,
+    gpu,
+    reward_choices,
+)
+from hypersd_core.sampling import RECIPES
+
+from . import controller as ctl
+from .ui import EMPTY
+
+MAX_UPLOADS = 16
+
+
+def score_table(service: ModelService, images: list[Image.Image], prompts: list[str],
+                rewards: list[str]) -> tuple[pd.DataFrame, str]:
+    """A table with one row per image and one column per reward, and a note on failures."""
+    if not rewards:
+        raise gr.Error("choose at least one reward")
+    scores, errors = service.score(images, prompts, rewards)
+    frame = pd.DataFrame({"image": list(range(1, len(images) + 1)), "prompt": prompts})
+    for name, values in scores.items():
+        frame[name] = [round(v, 4) for v in values]
+    note = "\n".join(f"- **{k}** could not score: {v}" for k, v in errors.items())
+    return frame, note
+
+
+def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: gr.Dropdown):
+    """The rewards view; ``train_run`` is the Train tab's run picker (kept in sync)."""
+    gr.Markdown("Reward-model scores of the selected run's fixed sample prompts, logged while "
+                "it trains (set `reward_every` or a feedback stage's rewards).")
+    run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,
+                      label="Run")
+    plot = gr.LinePlot(EMPTY, x="step", y="value", color="series", height=280,
+                       title="Reward score per reward vs step")
+    offset, records = gr.State(0), gr.State([])
+    timer = gr.Timer(3.0)
+
+    def on_tick(run_id, offset_v, records_v, force=False):
+        if not run_id:
+            return EMPTY, 0, []
+        try:
+            p = ctl.poll(run_id, offset_v, settings)
+        except ctl.ControlError:
+            return EMPTY, 0, []
+        records_v = ([] if p.reset else records_v) + p.records
+        if not p.records and not force:
+            return gr.skip(), p.offset, records_v
+        _, rewards_df = ctl.metric_frames(records_v)
+        return (rewards_df if len(rewards_df) else EMPTY), p.offset, records_v
+
+    timer.tick(on_tick, [run, offset, records], [plot, offset, records],
+               api_visibility="private", show_progress="hidden")
+    run.change(lambda r: on_tick(r, 0, [], True), run, [plot, offset, records],
+               api_visibility="private", show_progress="hidden")
+    train_run.change(lambda r: gr.Dropdown(choices=ctl.run_choices(settings), value=r),
+                     train_run, run, api_visibility="private", show_progress="hidden")
+
+    gr.Markdown("### Score these images")
+    offered = reward_choices()
+    with gr.Row():
+        source = gr.Radio(["generate", "upload"], value="generate", label="Images from")
+        rewards = gr.CheckboxGroup(offered, value=default_rewards(), label="Rewards")
+    with gr.Row():
+        method = gr.Dropdown(list(RECIPES), value="hypersd", label="Method")
+        steps = gr.Dropdown([1, 2, 4, 8, 25], value=1, label="Steps")
+        seed = gr.Number(0, precision=0, label="First seed")
+    prompts = gr.Textbox("a red handwritten digit 7\na blue handwritten digit 3",
+                         lines=3, label="Prompts (one per line; one prompt for all uploads)")
+    uploads = gr.File(file_count="multiple", file_types=["image"], label="Images to score")
+    score_btn = gr.Button("Score", variant="primary")
+    gallery = gr.Gallery(label="Scored images", columns=8, format="png", height=160)
+    table = gr.Dataframe(label="Scores", interactive=False)
+    note = gr.Markdown()
+
+    @gpu
+    def on_score(source_v, rewards_v, method_v, steps_v, seed_v, prompts_v, files):
+        lines = [p.strip() for p in (prompts_v or "").splitlines() if p.strip()]
+        if not lines:
+            raise gr.Error("enter at least one prompt")
+        if source_v == "upload":
+            files = files or []
+            if not files or len(files) > MAX_UPLOADS:
+                raise gr.Error(f"upload 1 to {MAX_UPLOADS} images")
+            images = []
+            for f in files:
+                try:
+                    with Image.open(f) as im:
+                        images.append(im.convert("RGB"))
+                except OSError:
+                    raise gr.Error("one of the uploads is not a readable image") from None
+            prompts_l = (lines * len(images))[:len(images)] if len(lines) < len(images) else lines[:len(images)]
+        else:
+            seeds = [int(seed_v or 0) + i for i in range(len(lines))]
+            cells = service.generate(method_v, int(steps_v), lines, seeds)
+            if cells[0].error:
+                raise gr.Error(cells[0].error)
+            images, prompts_l = [c.image for c in cells], lines
+        frame, msg = score_table(service, images, prompts_l, rewards_v or [])
+        return images, frame, msg
+
+    score_btn.click(on_score, [source, rewards, method, steps, seed, prompts, uploads],
+                    [gallery, table, note], concurrency_id="gpu", concurrency_limit=1,
+                    api_visibility="private")

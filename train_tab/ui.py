@@ -1,0 +1,199 @@
+"""Train & Monitor tab: pick a model and stage, edit a preset's settings (validated live),
+start / stop / resume / chain, and watch a run: status, loss and reward plots fed
+incrementally by a timer, the latest sample grid and the log tail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from hypersd_core.appsupport import AppSettings, data_choices, model_choices
+
+from . import controller as ctl
+
+POLL_SECONDS = 2.0
+EMPTY = pd.DataFrame({"step": pd.Series(dtype=float), "value": pd.Series(dtype=float),
+                      "series": pd.Series(dtype=str)})
+
+
+@dataclass
+class TrainTab:
+    """Components other parts of the app wire to (page load reattaches to a run)."""
+
+    run: gr.Dropdown
+    offset: gr.State
+    records: gr.State
+    sample_name: gr.State
+    poll_outputs: list
+
+
+def _first_preset(stage: str) -> str | None:
+    presets = ctl.presets_for(stage)
+    return presets[0] if presets else None
+
+
+def build_train_tab(settings: AppSettings) -> TrainTab:
+    """Build the tab's components and events inside the current Blocks."""
+    disabled = settings.training_disabled_reason
+    stages = ctl.stage_choices()
+    stage0 = stages[0] if stages else None
+    preset0 = _first_preset(stage0) if stage0 else None
+    if disabled:
+        gr.Markdown(f"> **{disabled}**")
+    gr.Markdown(ctl.env_info())
+    with gr.Row():
+        model = gr.Dropdown(model_choices(settings), value=settings.model, label="Model",
+                            interactive=not disabled)
+        data = gr.Dropdown(data_choices(settings), value="digits", label="Training data",
+                           interactive=not disabled)
+        stage = gr.Dropdown(stages, value=stage0, label="Stage", interactive=not disabled)
+        preset = gr.Dropdown(ctl.presets_for(stage0) if stage0 else [], value=preset0,
+                             label="Preset", interactive=not disabled)
+        init = gr.Dropdown(ctl.init_choices(settings), value="", label="Start from adapter",
+                           interactive=not disabled)
+    with gr.Row():
+        editor = gr.Code(ctl.preset_text(preset0) if preset0 else "", language="yaml",
+                         label="Settings (YAML; checked as you type)", interactive=not disabled,
+                         lines=14)
+        with gr.Column():
+            check_md = gr.Markdown()
+            resolved = gr.Code(language="yaml", label="Resolved config", interactive=False,
+                               lines=14)
+    with gr.Row():
+        start_btn = gr.Button("Start", variant="primary", interactive=not disabled)
+        stop_btn = gr.Button("Stop", variant="stop", interactive=not disabled)
+        resume_btn = gr.Button("Resume", interactive=not disabled)
+        chain_steps = gr.Number(0, precision=0, minimum=0, label="Chain: steps per stage (0: presets')",
+                                interactive=not disabled)
+        chain_btn = gr.Button("Chain 8 → 4 → 2 → 1 → feedback → DMD", interactive=not disabled)
+    action_md = gr.Markdown()
+    with gr.Row():
+        run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,
+                          label="Run (from disk)", scale=4)
+        refresh = gr.Button("Refresh list", scale=1)
+    status_md = gr.Markdown()
+    with gr.Row():
+        loss_plot = gr.LinePlot(EMPTY, x="step", y="value", color="series", title="Loss",
+                                height=260)
+        reward_plot = gr.LinePlot(EMPTY, x="step", y="value", color="series",
+                                  title="Reward scores of the fixed samples", height=260)
+    with gr.Row():
+        sample = gr.Image(label="Latest sample grid", format="png", type="pil", interactive=False)
+        log = gr.Textbox(label="Log tail", lines=12, max_lines=12, autoscroll=True)
+    with gr.Accordion("This run's config.yaml", open=False):
+        run_config = gr.Code(language="yaml", interactive=False)
+    offset, records, sample_name = gr.State(0), gr.State([]), gr.State("")
+    timer = gr.Timer(POLL_SECONDS)
+
+    def on_stage(stage_label):
+        first = _first_preset(stage_label)
+        return gr.Dropdown(choices=ctl.presets_for(stage_label), value=first), \
+            ctl.preset_text(first) if first else ""
+
+    def on_check(text, model_v, init_v, data_v):
+        checked = ctl.check_settings(text, model_v, init_v or "", data_v, settings)
+        return checked.message, checked.resolved
+
+    check_inputs = [editor, model, init, data]
+    stage.change(on_stage, stage, [preset, editor], api_visibility="private")
+    preset.input(lambda p: ctl.preset_text(p) if p else "", preset, editor,
+                 api_visibility="private")
+    for comp in (editor, model, init, data):
+        comp.change(on_check, check_inputs, [check_md, resolved], api_visibility="private",
+                    trigger_mode="always_last", show_progress="hidden")
+
+    def refresh_runs(selected):
+        choices = ctl.run_choices(settings)
+        ids = [c[1] for c in choices]
+        value = selected if selected in ids else (ctl.default_run(settings) or None)
+        return gr.Dropdown(choices=choices, value=value), \
+            gr.Dropdown(choices=ctl.init_choices(settings))
+
+    def act(fn, *args):
+        try:
+            return fn(*args)
+        except ctl.ControlError as err:
+            gr.Warning(str(err)[:300])
+            return None, str(err)
+
+    def on_start(text, model_v, init_v, data_v):
+        new_run, msg = act(ctl.start, text, model_v, init_v or "", data_v, settings)
+        return _after_action(new_run, msg)
+
+    def on_chain(model_v, data_v, steps_v):
+        new_run, msg = act(ctl.start_chain, model_v, data_v, int(steps_v or 0), settings)
+        return _after_action(new_run, msg)
+
+    def on_stop(run_id):
+        _, msg = act(lambda: (None, ctl.stop(run_id, settings)))
+        return msg
+
+    def on_resume(run_id):
+        _, msg = act(lambda: (None, ctl.resume(run_id, settings)))
+        return msg
+
+    def _after_action(new_run, msg):
+        choices = ctl.run_choices(settings)
+        value = new_run.dir.name if new_run is not None else gr.skip()
+        return msg, gr.Dropdown(choices=choices, value=value)
+
+    start_btn.click(on_start, check_inputs, [action_md, run], api_visibility="private")
+    chain_btn.click(on_chain, [model, data, chain_steps], [action_md, run],
+                    api_visibility="private")
+    stop_btn.click(on_stop, run, action_md, api_visibility="private")
+    resume_btn.click(on_resume, run, action_md, api_visibility="private")
+    refresh.click(refresh_runs, run, [run, init], api_visibility="private")
+
+    poll_outputs = [status_md, loss_plot, reward_plot, sample, log, offset, records, sample_name]
+
+    def on_tick(run_id, offset_v, records_v, sample_v):
+        return tick(settings, run_id, offset_v, records_v, sample_v)
+
+    timer.tick(on_tick, [run, offset, records, sample_name], poll_outputs,
+               api_visibility="private", show_progress="hidden")
+
+    def on_select(run_id):
+        out = tick(settings, run_id, 0, [], "", force=True)
+        cfg = ctl.resolved_config(run_id, settings) if run_id else ""
+        return (*out, cfg)
+
+    run.change(on_select, run, [*poll_outputs, run_config], api_visibility="private",
+               show_progress="hidden")
+    return TrainTab(run, offset, records, sample_name, poll_outputs)
+
+
+def tick(settings: AppSettings, run_id: str | None, offset: int, records: list,
+         sample_name: str, force: bool = False) -> tuple:
+    """One poll: status, plots (only when new metrics arrived), sample grid, log tail."""
+    if not run_id:
+        return ("No runs yet: pick a stage and press Start.", EMPTY, EMPTY, None, "", 0, [], "")
+    try:
+        p = ctl.poll(run_id, offset, settings)
+    except ctl.ControlError as err:
+        return (str(err), EMPTY, EMPTY, None, "", 0, [], "")
+    if p.reset:
+        records = []
+    records = records + p.records
+    if p.records or force:
+        loss_df, reward_df = ctl.metric_frames(records)
+        loss_out = loss_df if len(loss_df) else EMPTY
+        reward_out = reward_df if len(reward_df) else EMPTY
+    else:
+        loss_out = reward_out = gr.skip()
+    sample_out = gr.skip()
+    new_name = p.sample.name if p.sample else ""
+    if new_name != sample_name or force:
+        sample_out = _load_png(p.sample) if p.sample else None
+    return (p.status, loss_out, reward_out, sample_out, p.log, p.offset, records, new_name)
+
+
+def _load_png(path) -> Image.Image | None:
+    """The grid as a PIL image (served through the cache: run folders are never exposed)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:
+        return None
