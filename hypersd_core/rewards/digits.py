@@ -232,7 +232,7 @@ def load_digits_reward(name: str, path: str | Path | None = None,
     if name not in CLASSES:
         raise ValueError(f"unknown digits reward {name!r}; known: {sorted(CLASSES)}")
     p = Path(path) if path is not None else REWARDS_DIR
-    if p.is_dir():
+    if p.is_dir() or path is None:
         p = p / FILES[name]
     if not p.is_file():
         raise RewardWeightsMissing(

@@ -25,7 +25,6 @@ from .digits import (
     AlignmentNet,
     QualityNet,
     SegNet,
-    alignment_probability,
     load_digits_reward,
     segmentation_loss,
 )

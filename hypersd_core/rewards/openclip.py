@@ -45,12 +45,12 @@ def build_open_clip(model: str | dict[str, Any], weights: str | Path | None = No
         name = model
     else:
         cfg, name = dict(model), None
+    path = None
+    if weights is not None or name is not None:  # find the file before building a large model
+        path = resolve_file(f"open_clip {name or 'model'}", weights, OPENAI_HUB.get(name or ""),
+                            HUB_FILE, hint="Any open_clip-format state dict of the same architecture works.")
     net = CLIP(**cfg, quick_gelu=quick_gelu)
-    if weights is not None or name is not None:
-        what = f"open_clip {name or 'model'}"
-        repo = OPENAI_HUB.get(name or "")
-        path = resolve_file(what, weights, repo, HUB_FILE,
-                            hint="Any open_clip-format state dict of the same architecture works.")
+    if path is not None:
         sd = load_state_dict_file(path)
         try:
             net.load_state_dict(sd, strict=True)

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ImagesLike, PromptsLike, Reward, load_state_dict_file, resolve_file, to_image_tensor
+from .base import (
+    ImagesLike,
+    PromptsLike,
+    Reward,
+    load_state_dict_file,
+    resolve_file,
+    to_image_tensor,
+)
 
 Target = dict[str, torch.Tensor]  # boxes [N,4] xyxy pixels, labels [N] int64, masks [N,H,W] uint8
 MASKRCNN_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
@@ -72,12 +79,25 @@ def check_targets(targets: Sequence[Target], images: torch.Tensor) -> None:
 
 
 def build_maskrcnn(num_classes: int = 91, min_size: int = 800, max_size: int = 1333,
-                   weights: str | Path | None = None) -> nn.Module:
-    """torchvision Mask R-CNN ResNet-50 FPN; ``weights`` a local state dict or None (random)."""
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
+                   weights: str | Path | None = None, backbone: str = "resnet50",
+                   **detector_kw: Any) -> nn.Module:
+    """torchvision Mask R-CNN with a ResNet FPN backbone.
 
-    net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
-                                min_size=min_size, max_size=max_size)
+    ``backbone="resnet50"`` is torchvision's ``maskrcnn_resnet50_fpn`` (the COCO weights'
+    layout); smaller ResNets ("resnet18") make fast test detectors. ``weights``: a local
+    state dict, or None for random weights. ``detector_kw`` go to torchvision's ``MaskRCNN``
+    (e.g. ``box_batch_size_per_image``).
+    """
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    if backbone == "resnet50":
+        net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                    min_size=min_size, max_size=max_size, **detector_kw)
+    else:
+        body = resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5)
+        net = MaskRCNN(body, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                       **detector_kw)
     if weights is not None:
         net.load_state_dict(load_state_dict_file(weights), strict=True)
     return net
@@ -174,6 +194,7 @@ class SoloPerceptualLoss(PerceptualLoss):
 def make_perception(path: str | Path | None = None, device: str | torch.device = "cpu",
                     backend: str = "maskrcnn", num_classes: int = 91, min_size: int = 800,
                     max_size: int = 1333, random_weights: bool = False, config: str | None = None,
+                    backbone: str = "resnet50", detector_kw: dict[str, Any] | None = None,
                     **kw: Any) -> PerceptualLoss:
     """Registry factory.
 
@@ -182,6 +203,8 @@ def make_perception(path: str | Path | None = None, device: str | torch.device =
             or None for the torch hub cache; solo: the mmdet checkpoint.
         backend: "maskrcnn" or "solo".
         random_weights: build a random detector (tests only).
+        backbone: ResNet depth of the maskrcnn backend ("resnet50" for the COCO weights).
+        detector_kw: extra torchvision ``MaskRCNN`` arguments.
         config: mmdet config file (solo only).
         **kw: ``loss_weights``, ``seed``.
     """
@@ -192,7 +215,7 @@ def make_perception(path: str | Path | None = None, device: str | torch.device =
             weights = resolve_file("Mask R-CNN", path or (cache if cache.is_dir() else cache / MASKRCNN_FILE),
                                    None, MASKRCNN_FILE,
                                    hint=f"Download {MASKRCNN_URL} into {cache} or pass its path.")
-        net = build_maskrcnn(num_classes, min_size, max_size, weights)
+        net = build_maskrcnn(num_classes, min_size, max_size, weights, backbone, **(detector_kw or {}))
         return PerceptualLoss(net, **kw).to(device)
     if backend == "solo":
         try:
