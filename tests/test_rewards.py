@@ -91,6 +91,8 @@ def test_missing_weights_are_one_clear_error(tmp_path):
             load_reward(name, path=tmp_path / "nothing-here")
     with pytest.raises(RewardWeightsMissing, match="huggingface.co/timm/vit_base_patch32"):
         load_reward("clip-score")  # offline hub: the cache is empty
+    with pytest.raises(RewardWeightsMissing, match="maskrcnn_resnet50_fpn_coco"):
+        load_reward("perception", path=tmp_path / "nothing-here")
 
 
 # ---------------------------------------------------------------- open_clip rewards

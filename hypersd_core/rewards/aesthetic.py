@@ -79,7 +79,8 @@ def load_aesthetic_mlp(path: str | Path, input_size: int = 768,
 
 def make_aesthetic(path: str | Path | None = None, device: str | torch.device = "cpu",
                    clip_path: str | Path | None = None, model: str | dict[str, Any] = "ViT-L-14",
-                   hidden: Sequence[int] = HIDDEN, **kw: Any) -> AestheticScore:
+                   hidden: Sequence[int] = HIDDEN, repo_id: str = MLP_REPO,
+                   **kw: Any) -> AestheticScore:
     """Registry factory.
 
     Args:
@@ -88,8 +89,9 @@ def make_aesthetic(path: str | Path | None = None, device: str | torch.device = 
         clip_path: open_clip-format ViT-L/14 weights; None: the hub cache.
         model: open_clip name or config dict (tests pass a tiny config).
         hidden: MLP hidden sizes (the public head: 1024, 128, 64, 16).
+        repo_id: hub repository holding ``MLP_FILE`` (a mirror; the canonical copy is on GitHub).
     """
-    mlp_file = resolve_file("LAION aesthetic MLP", path, MLP_REPO, MLP_FILE,
+    mlp_file = resolve_file("LAION aesthetic MLP", path, repo_id, MLP_FILE,
                             hint="It is also at github.com/christophschuhmann/improved-aesthetic-predictor.")
     net, _tok, size = build_open_clip(model, clip_path, **kw)
     mlp = load_aesthetic_mlp(mlp_file, net.visual.output_dim, hidden)
