@@ -5,7 +5,7 @@
     python app.py --public             # reachable by others: training controls off
 
 Settings also come from env vars: HYPERSD_MODEL, HYPERSD_RUNS_DIR, HYPERSD_STUDY_DB,
-HYPERSD_LORA_DIR, HYPERSD_MODELS_DIR, HYPERSD_DATA_DIR, GRADIO_SERVER_NAME/PORT.
+HYPERSD_STUDY_CONFIG, HYPERSD_LORA_DIR, HYPERSD_MODELS_DIR, HYPERSD_DATA_DIR, GRADIO_SERVER_NAME/PORT.
 On a Hugging Face Space (SPACE_ID set) it listens on 0.0.0.0 with training off.
 """
 
@@ -20,7 +20,7 @@ import gradio as gr
 from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
 from hypersd_core.appsupport import AppSettings, ModelService
 from hypersd_core.paths import ROOT
-from hypersd_core.study import STUDY_YAML, StudyConfig, StudyStore
+from hypersd_core.study import StudyConfig, StudyStore
 from train_tab import build_rewards_tab, build_train_tab
 from train_tab import controller as train_ctl
 
@@ -32,7 +32,7 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
     """The whole app as a Blocks (not launched). ``service``/``store`` default to new ones."""
     service = service or ModelService(settings.model)
     store = store or StudyStore(settings.study_db)
-    config = StudyConfig.from_yaml(STUDY_YAML)
+    config = StudyConfig.from_yaml(settings.study_config)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nTrajectory-segmented consistency distillation, human feedback "
                     f"and one-step score distillation, runnable. Model: `{settings.model}`.")

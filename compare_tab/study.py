@@ -62,6 +62,33 @@ def results(store: StudyStore) -> pd.DataFrame:
     return table.round(3) if len(table) else table
 
 
+class StudyHandlers:
+    """The tab's event functions (also called directly by tests)."""
+
+    def __init__(self, service: ModelService, store: StudyStore, config: StudyConfig):
+        self.service, self.store, self.config = service, store, config
+
+    def next_pair(self) -> tuple:
+        """Issue a pair and render it: (image A, image B, caption, reveal, token, buttons...)."""
+        pair = self.store.next_pair(playable_config(self.config, self.service))
+        images = []
+        for method in (pair.left, pair.right):
+            cell = self.service.generate(method, pair.steps, [pair.prompt], [pair.seed])[0]
+            if cell.error:
+                raise gr.Error(f"could not render the pair: {cell.error}")
+            images.append(cell.image)
+        text = f"**Prompt:** {pair.prompt} · {pair.steps} steps"
+        on = [gr.Button(interactive=True)] * len(CHOICES)
+        return (images[0], images[1], text, "", pair.token, *on)
+
+    def vote(self, choice: str, token: str | None, request: gr.Request | None = None) -> tuple:
+        """Cast a vote: (reveal message, cleared token, disabled buttons...)."""
+        stored, message = cast_vote(self.store, token, choice, voter_id(request))
+        if not stored:
+            gr.Warning(message.replace("**", ""))
+        return (message, None, *[gr.Button(interactive=False)] * len(CHOICES))
+
+
 def build_study_tab(settings: AppSettings, service: ModelService, store: StudyStore,
                     config: StudyConfig) -> None:
     """Blind A/B voting, reveal after the vote, results and CSV export."""
@@ -80,40 +107,24 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
     token = gr.State(None)  # server-side only: never sent to the browser
     with gr.Accordion("Results", open=True):
         refresh = gr.Button("Refresh results")
-        table = gr.Dataframe(label="Win rate (ties count half) with 95% bootstrap CI; "
+        table = gr.Dataframe(lambda: results(store), label="Win rate (ties count half) with 95% bootstrap CI; "
                              "Bradley-Terry log-strength per step count", interactive=False)
         export = gr.Button("Export votes as CSV")
         csv_file = gr.File(label="votes.csv", interactive=False)
 
-    @gpu
-    def next_pair():
-        pair = store.next_pair(playable_config(config, service))
-        images = []
-        for method in (pair.left, pair.right):
-            cell = service.generate(method, pair.steps, [pair.prompt], [pair.seed])[0]
-            if cell.error:
-                raise gr.Error(f"could not render the pair: {cell.error}")
-            images.append(cell.image)
-        text = f"**Prompt:** {pair.prompt} · {pair.steps} steps"
-        on = [gr.Button(interactive=True)] * len(CHOICES)
-        return (images[0], images[1], text, "", pair.token, *on)
-
-    def vote(choice: str, token_v: str | None, request: gr.Request):
-        stored, message = cast_vote(store, token_v, choice, voter_id(request))
-        off = [gr.Button(interactive=False)] * len(CHOICES)
-        if not stored:
-            gr.Warning(message.replace("**", ""))
-        return (message, None, *off)
+    handlers = StudyHandlers(service, store, config)
 
     def export_csv():
         folder = Path(tempfile.mkdtemp(prefix="study-export-"))
         return str(store.export_csv(folder / "votes.csv"))
 
-    show.click(next_pair, None, [left, right, pair_md, reveal, token, *buttons.values()],
+    show.click(gpu(handlers.next_pair), None,
+               [left, right, pair_md, reveal, token, *buttons.values()],
                concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
+
     def make_vote(choice: str):
         def handler(token_v: str | None, request: gr.Request):
-            return vote(choice, token_v, request)
+            return handlers.vote(choice, token_v, request)
         return handler
 
     for choice, btn in buttons.items():

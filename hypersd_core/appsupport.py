@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from .paths import ROOT
+from .study import STUDY_YAML
 
 COMPARE_METHODS = ("teacher", "lcm", "tcd", "hypersd", "hypersd-unified")
 COMPARE_STEPS = (1, 2, 4, 8)
@@ -30,6 +31,7 @@ class AppSettings:
     model: str = "digits"
     runs_dir: Path = ROOT / "runs"
     study_db: Path = ROOT / "study" / "votes.db"
+    study_config: Path = STUDY_YAML
     lora_dir: Path = ROOT / "models" / "loras"
     models_dir: Path = ROOT / "models"
     data_dir: Path = ROOT / "data"
@@ -48,6 +50,7 @@ class AppSettings:
             model=env.get("HYPERSD_MODEL", "digits"),
             runs_dir=Path(env.get("HYPERSD_RUNS_DIR", ROOT / "runs")),
             study_db=Path(env.get("HYPERSD_STUDY_DB", ROOT / "study" / "votes.db")),
+            study_config=Path(env.get("HYPERSD_STUDY_CONFIG", STUDY_YAML)),
             lora_dir=Path(env.get("HYPERSD_LORA_DIR", ROOT / "models" / "loras")),
             models_dir=Path(env.get("HYPERSD_MODELS_DIR", ROOT / "models")),
             data_dir=Path(env.get("HYPERSD_DATA_DIR", ROOT / "data")),
@@ -59,7 +62,7 @@ class AppSettings:
             if value is not None:
                 setattr(s, key, value)
         s.public = s.public or on_space()
-        for key in ("runs_dir", "study_db", "lora_dir", "models_dir", "data_dir"):
+        for key in ("runs_dir", "study_db", "study_config", "lora_dir", "models_dir", "data_dir"):
             setattr(s, key, Path(getattr(s, key)).resolve())
         return s
 
@@ -209,8 +212,8 @@ class ModelService:
         try:
             with self._lock:
                 gen = self.sampler.generate(method, steps, prompts, seeds, adapter=adapter)
-        except (FileNotFoundError, KeyError, ValueError) as err:
-            msg = str(err).strip("'\"")
+        except Exception as err:  # one failed cell must not break a grid
+            msg = str(err).strip("'\"") or type(err).__name__
             if "needs the adapter" in msg:
                 msg = f"not available: adapter {default_adapter_name(method, steps)!r} missing"
             for c in cells:

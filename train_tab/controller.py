@@ -224,6 +224,7 @@ def resume(run_id: str, settings: AppSettings) -> str:
     if state == "done":
         raise ControlError(f"run {run_id} is done; start a new run to train more")
     busy = chain_busy(settings)
+    run.stop_path.unlink(missing_ok=True)  # the previous stop's flag must not stop the resume
     run.write_status(state="queued", error=None, waiting_for=None, pid=None)
     chain.spawn_driver([run], settings.runs_dir)
     ckpt = run.latest_checkpoint()
