@@ -151,7 +151,7 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
         loras = gr.CheckboxGroup(lora_choices(settings), label=(
             f"Official LoRA files to add as rows (from {settings.lora_dir.name}/ on the server)"))
         rewards = gr.CheckboxGroup(reward_choices(), value=default_rewards(), label="Rewards")
-    go = gr.Button("Compare", variant="primary")
+    go = gr.Button("Compare", variant="primary", elem_id="compare-button")
     summary = gr.Markdown(label="summary")
     with gr.Row():
         reference = gr.Image(label="Teacher, 25 steps (reference)", format="png", type="pil",

@@ -352,3 +352,39 @@ def test_safe_launch_settings(env):
     assert kw["server_name"] == "127.0.0.1" and kw["share"] is False
     assert kw["enable_monitoring"] is False and kw["allowed_paths"] == []
     assert str(env.runs_dir) in kw["blocked_paths"] and str(env.study_db) in kw["blocked_paths"]
+
+
+def test_compare_cells_carry_reward_scores(client):
+    _, cells, table, summary = client.predict(
+        "a green handwritten digit 0", 2, [], ["digits-quality", "digits-alignment"],
+        api_name="/compare")
+    teacher = [c["caption"] for c in cells[:4]]
+    assert all("quality" in c and "alignment" in c for c in teacher), teacher
+    assert "digits-quality" in table["headers"]
+
+
+def test_score_table(launched):
+    from train_tab.rewards_view import score_table
+
+    service = launched[0].hypersd["service"]
+    images = [Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 200))]
+    frame, note = score_table(service, images, ["a red handwritten digit 7"] * 2,
+                              ["digits-quality", "digits-perception"])
+    assert list(frame["digits-quality"].between(0, 1)) == [True, True]
+    assert "digits-perception" in note and "ground-truth" in note
+
+
+def test_chain_passes_adapters_and_stops_after_a_failed_stage(env, tmp_path):
+    from hypersd_core import chain
+    from hypersd_core.config import load_preset
+
+    first = load_preset("digits-tscd-k8", {"model": str(tmp_path / "missing-model"), "steps": 2})
+    second = load_preset("digits-tscd-k4", {"model": env.model, "steps": 2})
+    runs = chain.create_chain([first, second], tmp_path / "runs")
+    assert runs[1].config().init_adapter == str(runs[0].final_dir / "pytorch_lora_weights.safetensors")
+    assert all(r.status()["state"] == "queued" for r in runs)
+    chain.drive(runs, tmp_path / "runs", poll_s=0.2, log=lambda m: None)
+    assert runs[0].status()["state"] == "failed"
+    assert runs[0].status()["error"]  # (the trainer records setup errors only as "process gone")
+    assert runs[1].status()["state"] == "stopped"
+    assert "not started" in runs[1].status()["error"]

@@ -58,10 +58,12 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         editor = gr.Code(ctl.preset_text(preset0) if preset0 else "", language="yaml",
                          label="Settings (YAML; checked as you type)", interactive=not disabled,
                          lines=14)
+        first = ctl.check_settings(ctl.preset_text(preset0) if preset0 else "", settings.model,
+                                   "", "digits", settings)
         with gr.Column():
-            check_md = gr.Markdown()
-            resolved = gr.Code(language="yaml", label="Resolved config", interactive=False,
-                               lines=14)
+            check_md = gr.Markdown(first.message)
+            resolved = gr.Code(first.resolved, language="yaml", label="Resolved config",
+                               interactive=False, lines=14)
     with gr.Row():
         start_btn = gr.Button("Start", variant="primary", interactive=not disabled)
         stop_btn = gr.Button("Stop", variant="stop", interactive=not disabled)

@@ -1,0 +1,104 @@
+"""Screenshots of every tab, driven in headless Chromium (for the README).
+
+    python tests/take_screenshots.py [--out assets/screenshots] [--model digits]
+
+Starts the app in-process on a free port (runs from HYPERSD_RUNS_DIR, a throwaway vote
+DB), clicks through each tab doing one real action, and saves small palette PNGs.
+Also prints the time from start to first page and the compare-grid time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cdp import Chromium  # noqa: E402
+
+HAS_IMAGE = "(() => {{ const i = document.querySelector('{sel}'); " \
+            "return !!(i && i.complete && i.naturalWidth > 0); }})()"
+
+
+def shrink(path: Path, colors: int = 96) -> None:
+    """Re-save as an optimised palette PNG (screenshots are UI, a palette loses nothing)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    im.save(path, optimize=True)
+
+
+def visible_images(browser: Chromium) -> int:
+    return browser.js("[...document.querySelectorAll('img')].filter(i => i.offsetParent && "
+                      "i.complete && i.naturalWidth > 0).length")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/screenshots"))
+    parser.add_argument("--model", default=os.environ.get("HYPERSD_MODEL", "digits"))
+    parser.add_argument("--port", type=int, default=7861)
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="screens-"))
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp / "gradio"))
+    t0 = time.perf_counter()
+    import app
+    from hypersd_core.appsupport import AppSettings
+
+    settings = AppSettings.from_env(model=args.model, study_db=tmp / "study" / "votes.db",
+                                    port=args.port)
+    demo = app.build_demo(settings)
+    _, url, _ = demo.launch(**{**app.launch_kwargs(settings), "prevent_thread_lock": True,
+                               "quiet": True})
+    with Chromium(width=1280, height=900) as browser:
+        browser.open(url)
+        browser.wait("document.querySelector('#generate-button') !== null", timeout=120)
+        print(f"start-up to first page (imports, build, launch, page rendered): "
+              f"{time.perf_counter() - t0:.1f} s")
+        shots = {}
+
+        browser.click("#generate-button")
+        browser.wait(HAS_IMAGE.format(sel="#generate-image img"), timeout=180)
+        shots["generate"] = browser.screenshot(args.out / "generate.png")
+
+        browser.click_text("button[role=tab]", "Compare")
+        before = visible_images(browser)
+        t1 = time.perf_counter()
+        browser.click("#compare-button")
+        browser.wait(f"[...document.querySelectorAll('img')].filter(i => i.offsetParent && "
+                     f"i.complete && i.naturalWidth > 0).length >= {before + 21}", timeout=600)
+        print(f"compare grid (5x4 + teacher 25 steps, scored) seen in the browser: "
+              f"{time.perf_counter() - t1:.1f} s")
+        time.sleep(1.0)
+        shots["compare"] = browser.screenshot(args.out / "compare.png")
+
+        browser.click_text("button[role=tab]", "Train & Monitor")
+        time.sleep(4.0)  # one timer tick fills the status, plots and sample grid
+        shots["train"] = browser.screenshot(args.out / "train.png")
+
+        browser.click_text("button[role=tab]", "Rewards")
+        browser.click_text("button", "Score")
+        browser.wait("document.body.innerText.includes('digits-quality')", timeout=180)
+        time.sleep(1.0)
+        shots["rewards"] = browser.screenshot(args.out / "rewards.png")
+
+        browser.click_text("button[role=tab]", "User study")
+        browser.click_text("button", "Show a pair")
+        browser.wait("document.body.innerText.includes('Prompt:')", timeout=180)
+        browser.click_text("button", "A is better")
+        browser.wait("document.body.innerText.includes('Thanks!')", timeout=60)
+        shots["study"] = browser.screenshot(args.out / "study.png")
+    demo.close()
+    for name, path in shots.items():
+        shrink(path)
+        print(f"{name}: {path} ({path.stat().st_size // 1024} KB)")
+
+
+if __name__ == "__main__":
+    main()
