@@ -388,3 +388,18 @@ def test_chain_passes_adapters_and_stops_after_a_failed_stage(env, tmp_path):
     assert runs[0].status()["error"]  # (the trainer records setup errors only as "process gone")
     assert runs[1].status()["state"] == "stopped"
     assert "not started" in runs[1].status()["error"]
+
+
+def test_public_page_has_training_controls_off(env):
+    import dataclasses
+
+    import app
+
+    demo = app.build_demo(dataclasses.replace(env, public=True))
+    comps = demo.config["components"]
+    buttons = {c["props"].get("value"): c["props"] for c in comps if c["type"] == "button"}
+    for name in ("Start", "Stop", "Resume"):
+        assert buttons[name]["interactive"] is False
+    texts = " ".join(str(c["props"].get("value")) for c in comps if c["type"] == "markdown")
+    assert "Training is off because the app was started with --public" in texts
+    demo.hypersd["store"].close()
