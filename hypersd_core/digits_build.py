@@ -29,7 +29,7 @@ GUIDANCE_SCALE = 4.0  # recommended CFG of the digits teacher (measured: see REA
 class BuildConfig:
     vae_steps: int = 800
     clip_steps: int = 400
-    unet_steps: int = 5000
+    unet_steps: int = 3500
     eval_steps: int = 1000
     batch_size: int = 64
     unet_lr: float = 1e-3

@@ -51,15 +51,14 @@ def save_lora(unet, out_dir: str | Path, adapter_name: str = "default",
               dtype: torch.dtype = torch.float32) -> Path:
     """Save one adapter in diffusers format, loadable by stock ``pipe.load_lora_weights``."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     # Bake alpha / r into lora_B so that every loader (diffusers, kohya tools) that
     # assumes alpha = r reproduces the trained adapter exactly.
     config = unet.peft_config[adapter_name]
     scale = config.lora_alpha / config.r
     state = {k: v * scale if "lora_B" in k else v
              for k, v in lora_state_dict(unet, adapter_name).items()}
-    state = convert_state_dict_to_diffusers(state)
+    # PEFT key names throughout: diffusers' loader drops the attention layers of a file
+    # that mixes PEFT names with convert_state_dict_to_diffusers' "lora.down" names.
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +111,44 @@ def check_lora_file(path: str | Path) -> Path:
     return path
 
 
+_OLD_PROCESSOR_KEYS = {f"processor.{p}_lora.": f"{q}.lora." for p, q in [
+    ("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")]}
+
+
+def read_lora_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """A kohya-format file converted to diffusers keys (alphas folded into the up
+    weights); None for files already in diffusers/PEFT format.
+
+    diffusers' kohya converter emits attention keys in the old attention-processor
+    form (``attn1.processor.to_q_lora.down``) that its PEFT loader then drops; they are
+    renamed here so every layer of the file is applied.
+    """
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    if not any(k.startswith(("lora_unet_", "lora_te")) for k in raw):
+        return None
+    state, alphas = _convert_non_diffusers_lora_to_diffusers(raw)
+    fixed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for old, new in _OLD_PROCESSOR_KEYS.items():
+            key = key.replace(old, new)
+        # PEFT names, as in the files save_lora writes (those load completely)
+        key = key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+        fixed[key] = value
+    for key, alpha in (alphas or {}).items():
+        base = key.removesuffix(".alpha")
+        for old, new in _OLD_PROCESSOR_KEYS.items():
+            base = base.replace(old.rstrip("."), new.rstrip("."))
+        up = next((k for k in fixed
+                   if k.startswith(base + ".") and "lora_B" in k), None)
+        if up is not None:
+            rank = fixed[up].shape[1]
+            fixed[up] = fixed[up] * (float(alpha) / rank)
+    return fixed
+
+
 class AdapterSet:
     """Several named LoRAs on one base pipeline; switching changes no base weights."""
 
@@ -126,8 +163,12 @@ class AdapterSet:
         if name in self.loaded:
             return
         weights = check_lora_file(path)
-        self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
-                                    adapter_name=name)
+        state = read_lora_state(weights)
+        if state is None:
+            self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
+                                        adapter_name=name)
+        else:
+            self.pipe.load_lora_weights(state, adapter_name=name)
         self.loaded[name] = weights
         self.active = "?"  # loading activates the new adapter; force the next switch
 

@@ -18,6 +18,17 @@ import torch
 from .paths import DIGITS_ADAPTERS, DIGITS_PIPELINE
 
 KINDS = ("digits", "sd15", "sdxl")
+
+
+def _quiet_libraries() -> None:
+    """Loading bars of diffusers/transformers add nothing to our own progress output."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
 DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 7.5, "digits": 4.0}
 
 
@@ -210,6 +221,7 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    _quiet_libraries()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     source, folder = _resolve(model)

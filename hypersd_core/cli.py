@@ -1,0 +1,248 @@
+"""Command line: ``python -m hypersd_core <command> ...``. Anything the UI can do, a
+script can do, through the same functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"steps must be integers >= 1, got {text!r}")
+    return values
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_sample(args) -> int:
+    from .models import load_backbone
+    from .sampling import RECIPES, Sampler
+
+    if args.method not in RECIPES:
+        raise CLIError(f"unknown method {args.method!r}; choose from {', '.join(RECIPES)}")
+    if args.lora:
+        from .lora import check_lora_file
+
+        try:
+            check_lora_file(args.lora)
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(str(err)) from None
+    backbone = load_backbone(args.model, kind=args.kind, device=args.device)
+    sampler = Sampler(backbone)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p, prompt in enumerate(args.prompt):
+        seeds = [args.seed + i for i in range(args.num_images)]
+        gen = sampler.generate(args.method, args.steps, [prompt] * args.num_images, seeds,
+                               adapter=args.lora, guidance=args.guidance, eta=args.eta)
+        for i, image in enumerate(gen.images):
+            image.save(out / f"{p:03d}_{i:03d}.png")
+        mean = sum(gen.seconds_per_image) / len(gen.seconds_per_image)
+        print(f"{prompt!r}: {len(gen.images)} images, {mean * 1000:.1f} ms/image "
+              f"({args.method}, {args.steps} steps, adapter {gen.adapter or 'none'})")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_preset
+    from .runs import Run
+    from .train import train
+
+    if args.resume:
+        run = Run(args.resume)
+        run.config()  # a clear error if it is not a run folder
+        status = train(run.dir, resume=True)
+    else:
+        if not args.preset or not args.run_dir:
+            raise CLIError("train needs --preset PRESET and --run-dir DIR (or --resume DIR)")
+        cfg = load_preset(args.preset, args.set)
+        run = Run.create(args.run_dir, cfg)
+        status = train(run.dir)
+    print(f"{run.dir}: {status.get('state')} at step {status.get('step')}/{status.get('total')}")
+    return 0 if status.get("state") in ("done", "stopped") else 1
+
+
+def cmd_stop(args) -> int:
+    from .runs import Run
+
+    run = Run(args.run_dir)
+    run.config()
+    run.request_stop()
+    print(f"stop requested for {run.dir}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .runs import Run
+
+    run = Run(args.run_dir)
+    run.config()
+    print(json.dumps(run.status(), indent=1))
+    return 0
+
+
+def cmd_build_digits(args) -> int:
+    from .digits_build import BuildConfig, build
+
+    t0 = time.perf_counter()
+    cfg = BuildConfig(**({"unet_steps": args.unet_steps} if args.unet_steps else {}))
+    times = build(args.out, cfg, parts=tuple(args.parts.split(",")))
+    print(json.dumps(times, indent=1))
+    print(f"built the digits world in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_chain(args) -> int:
+    from .chain import build_digits_chain
+
+    build_digits_chain(args.stages.split(","), runs_root=args.runs_root, export=not args.no_export)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import main_evaluate
+
+    return main_evaluate(args)
+
+
+def cmd_export_kohya(args) -> int:
+    from .lora import export_kohya
+
+    try:
+        print(export_kohya(args.lora, args.out))
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .rewards import score_images
+
+    for name, value in score_images(args.reward, args.images, args.prompt, path=args.weights):
+        print(f"{name}\t{value:.4f}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hypersd_core",
+        description="Hyper-SD Studio: distil Stable Diffusion into a few-step model "
+                    "(TSCD, feedback, DMD) and compare it with LCM / TCD.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="generate images with a method's recipe")
+    p.add_argument("--model", default="digits", help="'digits', a diffusers folder or a hub id")
+    p.add_argument("--kind", choices=["digits", "sd15", "sdxl"], help="override the detected kind")
+    p.add_argument("--method", default="hypersd",
+                   help="teacher, lcm, tcd, hypersd, hypersd-unified, hypersd-unet")
+    p.add_argument("--steps", type=_positive_int, default=4)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
+    p.add_argument("--num-images", type=_positive_int, default=1)
+    p.add_argument("--out", required=True, help="output folder ({prompt:03d}_{image:03d}.png)")
+    p.add_argument("--lora", help="LoRA file (diffusers or kohya safetensors) instead of the default")
+    p.add_argument("--guidance", type=float, help="CFG scale (teacher default: the model's)")
+    p.add_argument("--eta", type=float, help="TCD eta (default: the recipe's)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("train", help="train a stage in a run folder (or resume one)")
+    p.add_argument("--preset", help="preset name in assets/presets or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--run-dir", help="new run folder")
+    p.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its newest checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("stop", help="ask a running run to stop (it checkpoints first)")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_stop)
+
+    p = sub.add_parser("status", help="print a run's status.json")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("build-digits", help="train the digits world from scratch (CPU)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "assets" / "digits"))
+    p.add_argument("--parts", default="pipeline,eval", help="comma list of pipeline,eval")
+    p.add_argument("--unet-steps", type=_positive_int)
+    p.set_defaults(fn=cmd_build_digits)
+
+    p = sub.add_parser("chain", help="train the digits adapters in order and export them to assets")
+    p.add_argument("--stages", default="lcm,tcd,k8,k4,k2,k1",
+                   help="comma list of lcm,tcd,k8,k4,k2,k1,feedback,dmd")
+    p.add_argument("--runs-root", default="runs/chain")
+    p.add_argument("--no-export", action="store_true", help="keep adapters in the runs only")
+    p.set_defaults(fn=cmd_chain)
+
+    p = sub.add_parser("evaluate", help="metric table of methods x steps")
+    from .evaluate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("export-kohya", help="convert a diffusers-format LoRA to kohya keys")
+    p.add_argument("lora")
+    p.add_argument("out")
+    p.set_defaults(fn=cmd_export_kohya)
+
+    p = sub.add_parser("score", help="score images with a reward model")
+    p.add_argument("--reward", required=True)
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--weights", help="local weights path for the reward (real models)")
+    p.set_defaults(fn=cmd_score)
+    return parser
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .models import ModelNotFoundError
+
+    try:
+        return args.fn(args)
+    except CLIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ModelNotFoundError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
