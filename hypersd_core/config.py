@@ -13,6 +13,7 @@ import yaml
 from .paths import PRESETS
 
 STAGES = ("tscd", "lcm", "tcd", "feedback", "dmd")
+PERCEPTUAL_BACKENDS = ("digits", "maskrcnn", "solo")
 TSCD_CHAIN = (8, 4, 2, 1)
 
 
@@ -57,7 +58,8 @@ class StageConfig:
     reward_alpha: float = 1.0
     perceptual_weight: float = 0.0
     perceptual_backend: str = "digits"
-    feedback_steps_range: tuple[int, int] = (1, 1)
+    feedback_steps_range: tuple[int, int] = (1, 1)  # ReFL: sampling steps N ~ U{lo..hi}; grad on the last
+    perceptual_t_range: tuple[int, int] = (250, 750)  # real images are noised to t in this range
     merge_scale: float = 1.0
     # DMD
     dmd_weight: float = 1.0
@@ -66,6 +68,9 @@ class StageConfig:
     critic_steps: int = 5  # fake-score updates per generator update
     mse_weight: float = 0.0
     one_step_t: int = 999
+    fake_rank: int = 16  # LoRA rank of the fake score (its alpha = rank)
+    multistep_prob: float = 0.0  # share of generator samples started at a later TCD timestep
+    multistep_max: int = 8  # ... drawn from the TCD timesteps of 2..multistep_max steps
     # bookkeeping
     log_every: int = 10
     sample_every: int = 100
@@ -112,6 +117,37 @@ class StageConfig:
                      "its spacing T/N must divide T/8 = 125 so every edge is on the grid "
                      "(e.g. N=40 or N=8)")
         need(all(v >= 0 for v in self.rewards.values()), "reward weights must be >= 0")
+        from .rewards.base import available_rewards
+
+        known = [n for n in available_rewards() if not n.endswith("perception")]
+        for name in self.rewards:
+            need(name in known, f"unknown reward {name!r} in rewards; known: {', '.join(known)}"
+                 + (" (perception losses go through perceptual_weight)"
+                    if name.endswith("perception") else ""))
+        need(self.perceptual_weight >= 0, f"perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        need(self.perceptual_backend in PERCEPTUAL_BACKENDS,
+             f"perceptual_backend must be one of {PERCEPTUAL_BACKENDS}, got {self.perceptual_backend!r}")
+        for key in ("feedback_steps_range", "perceptual_t_range"):
+            lo_hi = getattr(self, key)
+            need(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1],
+                 f"{key} must be [lo, hi] with 0 <= lo <= hi, got {list(lo_hi)}")
+        need(len(self.feedback_steps_range) != 2 or self.feedback_steps_range[0] >= 1,
+             f"feedback_steps_range must start at >= 1 step, got {list(self.feedback_steps_range)}")
+        need(len(self.perceptual_t_range) != 2 or self.perceptual_t_range[1] < 1000,
+             f"perceptual_t_range must lie in [0, 1000), got {list(self.perceptual_t_range)}")
+        need(self.stage != "feedback" or any(w > 0 for w in self.rewards.values())
+             or self.perceptual_weight > 0,
+             "the feedback stage needs rewards with a weight > 0 (e.g. {digits-quality: 1.0}) "
+             "or perceptual_weight > 0")
+        need(self.fake_rank >= 1, f"fake_rank must be >= 1, got {self.fake_rank}")
+        need(self.fake_lr > 0, f"fake_lr must be > 0, got {self.fake_lr}")
+        need(self.dmd_weight >= 0 and self.mse_weight >= 0,
+             f"dmd_weight and mse_weight must be >= 0, got {self.dmd_weight}, {self.mse_weight}")
+        need(self.dmd_real_guidance >= 1, f"dmd_real_guidance must be >= 1 (CFG scale), got "
+             f"{self.dmd_real_guidance}")
+        need(0 <= self.multistep_prob <= 1, f"multistep_prob must be in [0, 1], got {self.multistep_prob}")
+        need(self.multistep_max >= 2, f"multistep_max must be >= 2, got {self.multistep_max}")
+        need(self.merge_scale >= 0, f"merge_scale must be >= 0, got {self.merge_scale}")
         need(self.critic_steps >= 1, f"critic_steps must be >= 1, got {self.critic_steps}")
         need(0 < self.one_step_t < 1000, f"one_step_t must be in (0, 1000), got {self.one_step_t}")
         for key in ("log_every", "sample_every", "checkpoint_every"):
@@ -129,8 +165,7 @@ class StageConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["feedback_steps_range"] = list(self.feedback_steps_range)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(StageConfig)}

@@ -117,6 +117,10 @@ def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage) -> tuple[int, int]
     return int(extra["step"]), int(extra["nonfinite"])
 
 
+# stages that keep init_adapter as a separate frozen adapter under a new student LoRA
+SEPARATE_INIT_STAGES = ("feedback",)
+
+
 def setup_student(backbone, cfg: StageConfig) -> list[torch.nn.Parameter]:
     """Freeze the base, add the student LoRA (fp32), start it from init_adapter if given."""
     from .lora import add_lora, load_lora_into
@@ -124,7 +128,7 @@ def setup_student(backbone, cfg: StageConfig) -> list[torch.nn.Parameter]:
     for module in (backbone.unet, backbone.vae, backbone.pipe.text_encoder):
         module.requires_grad_(False)
     params = add_lora(backbone.unet, cfg.lora_rank, cfg.lora_alpha, adapter_name=STUDENT)
-    if cfg.init_adapter:
+    if cfg.init_adapter and cfg.stage not in SEPARATE_INIT_STAGES:
         load_lora_into(backbone.unet, cfg.init_adapter, STUDENT)
     backbone.unet.set_adapter(STUDENT)
     return params
@@ -162,6 +166,8 @@ def train(run_dir: str | Path, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     params = setup_student(backbone, cfg)
     stage = make_stage(cfg, backbone)
+    if hasattr(stage, "setup"):  # a stage's own adapters (feedback: frozen TSCD; DMD: fake score)
+        params = stage.setup(params)
     data = make_data(backbone, cfg.data)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
