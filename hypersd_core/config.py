@@ -56,6 +56,7 @@ class StageConfig:
     # feedback (ReFL) and perceptual losses
     rewards: dict[str, float] = field(default_factory=dict)  # reward name -> weight
     reward_alpha: float = 1.0
+    reward_alphas: dict[str, float] = field(default_factory=dict)  # per-reward alpha (overrides)
     perceptual_weight: float = 0.0
     perceptual_backend: str = "digits"
     feedback_steps_range: tuple[int, int] = (1, 1)  # ReFL: sampling steps N ~ U{lo..hi}; grad on the last
@@ -124,6 +125,8 @@ class StageConfig:
             need(name in known, f"unknown reward {name!r} in rewards; known: {', '.join(known)}"
                  + (" (perception losses go through perceptual_weight)"
                     if name.endswith("perception") else ""))
+        unused = sorted(set(self.reward_alphas) - set(self.rewards))
+        need(not unused, f"reward_alphas names rewards not in rewards: {unused}")
         need(self.perceptual_weight >= 0, f"perceptual_weight must be >= 0, got {self.perceptual_weight}")
         need(self.perceptual_backend in PERCEPTUAL_BACKENDS,
              f"perceptual_backend must be one of {PERCEPTUAL_BACKENDS}, got {self.perceptual_backend!r}")

@@ -33,11 +33,14 @@ def reward_hinge(reward: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def weighted_reward_loss(rewards: dict[str, torch.Tensor], weights: dict[str, float],
-                         alpha: float) -> torch.Tensor:
-    """sum_i w_i relu(alpha - r_i): the feedback objective over several rewards. [B]"""
+                         alpha: float, alphas: dict[str, float] | None = None) -> torch.Tensor:
+    """sum_i w_i relu(alpha_i - r_i): the feedback objective over several rewards, with
+    alpha_i from ``alphas`` or the shared ``alpha`` (reward scales differ). [B]"""
     if not rewards:
         raise ValueError("no rewards given")
-    return sum(weights[name] * reward_hinge(r.float(), alpha) for name, r in rewards.items())
+    alphas = alphas or {}
+    return sum(weights[name] * reward_hinge(r.float(), alphas.get(name, alpha))
+               for name, r in rewards.items())
 
 
 def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -132,7 +135,8 @@ class FeedbackLosses:
     def reward_loss(self, images01: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
         """Weighted hinge loss of the rewards on decoded images. ([B], logs)"""
         scores = {name: r.score(images01, prompts) for name, r in self.rewards.items()}
-        loss = weighted_reward_loss(scores, self.cfg.rewards, self.cfg.reward_alpha)
+        loss = weighted_reward_loss(scores, self.cfg.rewards, self.cfg.reward_alpha,
+                                    self.cfg.reward_alphas)
         logs = {f"train_reward/{n}": s.mean().item() for n, s in scores.items()}
         logs["loss_reward"] = loss.mean().item()
         return loss, logs

@@ -145,3 +145,12 @@ class ConsistencyStage:
             loss = loss + cfg.adv_weight * adv
             logs.update(d_logs)
         return loss, logs
+
+    def score_samples(self, images, prompts: list[str]) -> dict[str, float]:
+        """Reward scores of the fixed sample grid (digits world: quality and alignment)."""
+        from .reward_log import SampleScorer, sample_reward_names
+
+        if getattr(self, "_scorer", None) is None:
+            self._scorer = SampleScorer(sample_reward_names(self.cfg, self.backbone.kind),
+                                        self.backbone.device)
+        return self._scorer(images, prompts)

@@ -70,6 +70,8 @@ def test_reward_hinge_and_weights():
     assert torch.equal(fb.reward_hinge(r, 1.0), torch.tensor([0.8, 0.0]))
     loss = fb.weighted_reward_loss({"a": r, "b": torch.tensor([1.0, 0.0])}, {"a": 2.0, "b": 0.5}, 1.0)
     assert torch.allclose(loss, torch.tensor([1.6, 0.5]))
+    loss = fb.weighted_reward_loss({"a": r}, {"a": 1.0}, 1.0, {"a": 2.0})
+    assert torch.allclose(loss, torch.tensor([1.8, 0.5]))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
@@ -122,6 +124,8 @@ def test_multistep_starts_are_tcd_timesteps():
     ({"stage": "feedback"}, "feedback stage needs rewards"),
     ({"stage": "feedback", "rewards": {"digits-quality": 1.0}, "feedback_steps_range": [0, 2]},
      "feedback_steps_range"),
+    ({"stage": "feedback", "rewards": {"digits-quality": 1.0}, "reward_alphas": {"aesthetic": 5}},
+     "reward_alphas names rewards not in rewards"),
     ({"stage": "dmd", "fake_rank": 0}, "fake_rank must be >= 1"),
     ({"stage": "dmd", "multistep_prob": 1.5}, "multistep_prob"),
     ({"stage": "dmd", "perceptual_backend": "yolo"}, "perceptual_backend"),
