@@ -117,9 +117,10 @@ def cmd_build_digits(args) -> int:
 
 
 def cmd_chain(args) -> int:
-    from .chain import build_digits_chain
+    from .digits_chain import build_digits_chain
 
-    build_digits_chain(args.stages.split(","), runs_root=args.runs_root, export=not args.no_export)
+    build_digits_chain(args.stages.split(","), runs_root=args.runs_root,
+                       export=not args.no_export, overrides=args.set)
     return 0
 
 
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of lcm,tcd,k8,k4,k2,k1,feedback,dmd")
     p.add_argument("--runs-root", default="runs/chain")
     p.add_argument("--no-export", action="store_true", help="keep adapters in the runs only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every stage (e.g. steps=20 for a smoke run)")
     p.set_defaults(fn=cmd_chain)
 
     p = sub.add_parser("evaluate", help="metric table of methods x steps")

@@ -241,7 +241,7 @@ def active_run(root: str | Path) -> Run | None:
 
 def launch(run: Run, resume: bool = False, env: dict | None = None) -> subprocess.Popen:
     """Start the run as its own process (own process group), output to log.txt."""
-    cmd = [sys.executable, "-m", "hypersd_core.train", "--run", str(run.dir)]
+    cmd = [sys.executable, "-m", "hypersd_core.train", "--run-dir", str(run.dir)]
     if resume:
         cmd.append("--resume")
     run.stop_path.unlink(missing_ok=True)

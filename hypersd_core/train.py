@@ -9,6 +9,7 @@ checkpoints, and ends with final/ (a diffusers-format LoRA).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import signal
@@ -160,15 +161,20 @@ def train(run_dir: str | Path, resume: bool = False) -> dict:
         run.stop_path.unlink(missing_ok=True) if not resume else None
         run.write_status(state="running", pid=os.getpid(), step=0, total=cfg.steps, error=None,
                          device=str(accelerator.device), processes=accelerator.num_processes)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32)
-    backbone = load_backbone(cfg.model, device=str(accelerator.device), dtype=weight_dtype)
-    torch.manual_seed(cfg.seed)
-    params = setup_student(backbone, cfg)
-    stage = make_stage(cfg, backbone)
-    if hasattr(stage, "setup"):  # a stage's own adapters (feedback: frozen TSCD; DMD: fake score)
-        params = stage.setup(params)
-    data = make_data(backbone, cfg.data)
+    try:
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32)
+        backbone = load_backbone(cfg.model, device=str(accelerator.device), dtype=weight_dtype)
+        torch.manual_seed(cfg.seed)
+        params = setup_student(backbone, cfg)
+        stage = make_stage(cfg, backbone)
+        if hasattr(stage, "setup"):  # a stage's own adapters (feedback: frozen TSCD; DMD: fake score)
+            params = stage.setup(params)
+        data = make_data(backbone, cfg.data)
+    except Exception as err:  # before the loop: no state to save, but say why
+        if main:
+            run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
+        raise
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -272,13 +278,23 @@ def train(run_dir: str | Path, resume: bool = False) -> dict:
         save(step)
         run.write_status(state="done", step=step, eta_s=0,
                          seconds=time.perf_counter() - t_start)
+    if accelerator.num_processes > 1:  # each process records its weights: they must agree
+        from .lora import lora_state_dict
+
+        digest = hashlib.sha256()
+        for key, value in sorted(lora_state_dict(backbone.unet, STUDENT).items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().float().numpy().tobytes())
+        run.final_dir.mkdir(parents=True, exist_ok=True)
+        (run.final_dir / f"weights-rank{rank}.sha256").write_text(digest.hexdigest())
     accelerator.wait_for_everyone()
     return run.status()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train one stage in a run folder.")
-    parser.add_argument("--run", required=True, help="run folder (holds config.yaml)")
+    parser.add_argument("--run-dir", "--run", dest="run", required=True,
+                        help="run folder (holds config.yaml); --run-dir also works under torchrun")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     args = parser.parse_args(argv)
     try:
