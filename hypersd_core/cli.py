@@ -148,6 +148,12 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import main as report_main
+
+    return report_main()
+
+
 # ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lora")
     p.add_argument("out")
     p.set_defaults(fn=cmd_export_kohya)
+
+    p = sub.add_parser("report", help="rewrite README's results section from assets/results")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("score", help="score images with a reward model")
     p.add_argument("--reward", required=True)

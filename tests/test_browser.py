@@ -9,8 +9,7 @@ import pytest
 from cdp import Chromium, find_chromium
 from test_app import free_port, make_lora_file, make_tiny_digits
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed")]
+pytestmark = [pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed")]
 
 
 @pytest.fixture()
