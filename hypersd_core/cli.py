@@ -130,6 +130,12 @@ def cmd_evaluate(args) -> int:
     return main_evaluate(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import main_bench
+
+    return main_bench(args)
+
+
 def cmd_export_kohya(args) -> int:
     from .lora import export_kohya
 
@@ -214,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="speed, memory and scaling benchmarks (--gpu: GPU check)")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("export-kohya", help="convert a diffusers-format LoRA to kohya keys")
     p.add_argument("lora")

@@ -184,6 +184,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prompts", help="real models: a prompt list file (one per line)")
     p.add_argument("--adapter", action="append", default=[], metavar="METHOD=FILE",
                    help="use FILE as METHOD's adapter (e.g. hypersd-unified=runs/x/final)")
+    p.add_argument("--reward-weights", action="append", default=[], metavar="NAME=PATH",
+                   help="real models: local reward weights (clip, aesthetic, imagereward, pickscore)")
+    p.add_argument("--reward-config", help="real models: JSON of load_reward arguments per reward")
 
 
 def main_evaluate(args) -> int:
