@@ -19,6 +19,7 @@ adapters get random LoRAs of the same rank (timing does not depend on their valu
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -414,7 +415,9 @@ def main_bench(args) -> int:
                          f"{', '.join(m for m in RECIPES if m != 'teacher')}")
     result = run_bench(args.model, plan, device, args.out or "results/bench.json")
     if args.update_readme:
-        from .bench_report import markdown, update_readme
+        from .bench_report import readme_section, update_readme
 
-        print(f"updated {update_readme(ROOT / 'README.md', markdown(result))}")
+        gpu_file = Path(args.out or "results/bench.json").parent / "bench_gpu.json"
+        gpu = json.loads(gpu_file.read_text()) if gpu_file.is_file() else None
+        print(f"updated {update_readme(ROOT / 'README.md', readme_section(result, gpu))}")
     return 0

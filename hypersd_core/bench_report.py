@@ -126,6 +126,55 @@ def _scaling_tables(result: dict) -> list[str]:
     return out
 
 
+def gpu_lines(gpu: dict | None) -> list[str]:
+    """A short table of the GPU check, or the line saying it was not run."""
+    if not gpu or gpu.get("dry_run"):
+        return ["GPU figures: not run (no GPU in this environment). The check is ready: "
+                "`python -m hypersd_core bench --gpu` (full-size SDXL at 1024 and SD1.5 at 512 "
+                "with random weights from `assets/configs/`, sized for under 8 minutes on one H100 "
+                "but not yet run on one; `--dry-run` runs the same code on the CPU at tiny sizes, "
+                "as the tests do)."]
+    head = gpu["header"]
+    out = [f"GPU check on {head.get('gpu', '?')} ({gpu['dtype']}, random weights, "
+           f"{gpu['seconds']:.0f} s):", "",
+           "| model | res | 1 step ms | 4 steps ms | teacher 25 + CFG ms | speed-up | VAE share "
+           "| fused 1 step ms | train b1 ms / MB | train b2 ms / MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, m in gpu["models"].items():
+        lat, vae, fused = m.get("latency", {}), m.get("vae", {}), m.get("lora_fused", {})
+        ms = lat.get("ms", {})
+        train = {r["batch"]: r for r in m.get("training", []) if isinstance(r, dict) and "batch" in r}
+        teacher = next((v for k, v in ms.items() if k.startswith("teacher")), None)
+        out.append(f"| {kind} | {m['resolution']} | {ms.get('hypersd_1step', '-')} | "
+                   f"{ms.get('hypersd_4step', '-')} | {teacher or '-'} | "
+                   f"{lat.get('speedup_1step_vs_teacher', 0):.1f}x | "
+                   f"{100 * vae.get('decode_and_postprocess_share', 0):.0f}% | "
+                   f"{fused.get('fused_1step_ms', '-')} | {_train_cell(train, 1)} | "
+                   f"{_train_cell(train, 2)} |")
+    return out
+
+
+def _train_cell(train: dict, b: int) -> str:
+    row = train.get(b, {})
+    return f"{row['step_ms']:.0f} / {row['peak_mb']:.0f}" if "step_ms" in row else "-"
+
+
+def readme_section(result: dict | None, gpu: dict | None = None) -> str:
+    """README's Performance section: how to reproduce, the bench tables, the GPU status."""
+    out = ["Measured by `python -m hypersd_core bench` (one process; median of several repeats "
+           "after a warm-up; `--quick` for a one-minute run) and written here with "
+           "`python -m hypersd_core bench --update-readme`. Full tables and the plot: "
+           "`results/bench.md`, `results/bench.png`; raw figures: `results/bench.json`.", ""]
+    if result is None:
+        out.append("Digits-world figures: not measured yet (the shipped adapters were still "
+                   "training when this section was written; timing beside training jobs on a "
+                   "shared two-core CPU would not mean much).")
+    else:
+        out.append(markdown(result).replace("### Bench:", "### Digits world on the CPU:"
+                                            if result.get("kind") == "digits" else "### Bench:"))
+    out += [""] + gpu_lines(gpu)
+    return "\n".join(out) + "\n"
+
+
 def plot_scaling(result: dict, out_png: str | Path) -> Path | None:
     """Throughput against batch size: sampling (images/s) and training (samples/s)."""
     samp, train = result.get("scaling_sampling", []), result.get("scaling_training", [])
