@@ -76,7 +76,7 @@ PLANS: dict[str, BenchPlan] = {
     "full": BenchPlan(),
     "quick": BenchPlan(repeats=3, overhead_cases=(("hypersd", 1), ("hypersd", 4)),
                        overhead_pairs=10, switch_repeats=30, train_repeats=3,
-                       sample_batches=(1, 4, 16, 64), train_batches=(1, 4, 16, 64)),
+                       sample_batches=(1, 8, 64), train_batches=(1, 8, 32)),
 }
 
 
