@@ -86,9 +86,57 @@ class ConsistencyStage:
         self.pred_type = backbone.prediction_type
         self.target = target  # callable(x, t, embeds) -> model output, or None for online
         self.discriminator = discriminator
+        self.params: list[torch.nn.Parameter] = []
+        self.ema: list[torch.Tensor] | None = None
 
     def unet_out(self, x, t, embeds):
         return self.unet(x, t, **embeds.unet_kwargs()).sample
+
+    def setup(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """Trainer hook: keep the student's parameters; start the EMA target if asked."""
+        self.params = params
+        self.ema = ([p.detach().clone() for p in params] if self.cfg.target == "ema" else None)
+        if self.ema is not None:
+            self.target = self._ema_out
+        return params
+
+    @torch.no_grad()
+    def _ema_out(self, x, t, embeds):
+        """The target model with the EMA weights swapped in for one forward pass."""
+        live = [p.detach().clone() for p in self.params]
+        for p, e in zip(self.params, self.ema):
+            p.copy_(e)
+        try:
+            return self.unet_out(x, t, embeds)
+        finally:
+            for p, v in zip(self.params, live):
+                p.copy_(v)
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """After the student's update: EMA target update and the discriminator's own step."""
+        logs: dict[str, float] = {}
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1 - self.cfg.ema_decay)
+        if self.discriminator is not None and self.cfg.adv_weight > 0:
+            logs.update(self.discriminator.discriminator_step())
+        return logs
+
+    def state_dict(self) -> dict:
+        state: dict = {}
+        if getattr(self, "ema", None) is not None:
+            state["ema"] = [e.cpu() for e in self.ema]
+        if self.discriminator is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "ema" in state and getattr(self, "ema", None) is not None:
+            for e, v in zip(self.ema, state["ema"]):
+                e.copy_(v)
+        if "discriminator" in state and self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
 
     def loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Per-sample generator loss [B] and logs for one batch of latents and prompts."""
@@ -112,14 +160,14 @@ class ConsistencyStage:
             out_c, out_u = out.chunk(2)
             x_prev = teacher_ddim_step(x_n, out_c, out_u, w, a_n, a_prev, self.pred_type)
 
-        student_out = self.unet_out(x_n, t_n, batch.embeds)
-        s_x0, s_eps = S.predictions(student_out, x_n, a_n, self.pred_type)
-        with torch.no_grad():
+        with torch.no_grad():  # the target before the student: an EMA swap is in-place
             t_prev_in = t_prev.clamp(min=0)
             target_out = (self.target or self.unet_out)(x_prev, t_prev_in, batch.embeds)
             g_x0, g_eps = S.predictions(target_out, x_prev, S.alpha_bar(self.ac, t_prev_in),
                                         self.pred_type)
             clean = (t_prev < 0).view(-1, *[1] * (x0.dim() - 1))
+        student_out = self.unet_out(x_n, t_n, batch.embeds)
+        s_x0, s_eps = S.predictions(student_out, x_n, a_n, self.pred_type)
 
         logs: dict[str, float] = {}
         if cfg.stage == "lcm":

@@ -13,7 +13,8 @@ import torch  # noqa: E402
 
 from hypersd_core import digits  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if "OMP_NUM_THREADS" not in os.environ:  # a busy machine can ask for fewer
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def _text_encoder(vocab_size: int, bos: int, eos: int, projection: bool = False, hidden: int = 32):

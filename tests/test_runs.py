@@ -48,7 +48,7 @@ def _lora(run):
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 @pytest.mark.parametrize("stage,extra", [
     ("tscd", {"k": 8}), ("tscd", {"k": 1, "adv_weight": 0.5, "t_end": "edge", "distance": "huber"}),
-    ("lcm", {"num_solver_steps": 50}), ("tcd", {"num_solver_steps": 50, "target": "online"}),
+    ("lcm", {"num_solver_steps": 50}), ("tcd", {"num_solver_steps": 50, "target": "ema", "ema_decay": 0.5}),
 ])
 def test_every_consistency_stage_trains(kind, stage, extra, tiny_sd15, tiny_sdxl, data_dir, tmp_path):
     model = tiny_sd15 if kind == "sd15" else tiny_sdxl
@@ -60,6 +60,7 @@ def test_every_consistency_stage_trains(kind, stage, extra, tiny_sd15, tiny_sdxl
     assert steps == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     if extra.get("adv_weight"):
         assert any("loss_adv_g" in r for r in records)
+        assert all("loss_adv_d" in r for r in records if "loss" in r)  # the discriminator trains
     assert sorted(p.name for p in run.samples_dir.iterdir()) == ["step-0000002.png", "step-0000004.png"]
     lora = _lora(run)
     assert lora and all(k.startswith("unet.") for k in lora)
