@@ -241,6 +241,12 @@ def build(out_dir: str | Path = DIGITS_DIR, cfg: BuildConfig | None = None,
             feature_extractor=None, requires_safety_checker=False,
         )
         pipe.to(torch.float16).save_pretrained(out_dir / "pipeline", safe_serialization=True)
+        # weights are stored fp16, but a plain from_pretrained (no torch_dtype) must give one
+        # dtype everywhere: diffusers upcasts its models to fp32; transformers follows "dtype"
+        te_config = out_dir / "pipeline" / "text_encoder" / "config.json"
+        te = json.loads(te_config.read_text())
+        te["dtype"] = "float32"
+        te_config.write_text(json.dumps(te, indent=2))
         index_path = out_dir / "pipeline" / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_hypersd"] = {"kind": "digits", "guidance_scale": GUIDANCE_SCALE,
