@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -142,12 +141,8 @@ def bench_switch(sampler, plan: BenchPlan, adapters: dict, one_step_s: float,
         t0 = time.perf_counter()
         sampler.adapters.load(f"probe{i}", probe)
         loads.append(time.perf_counter() - t0)
-    with warnings.catch_warnings():  # PEFT warns that the active probe is deleted: intended
-        warnings.simplefilter("ignore")
-        sampler.backbone.pipe.delete_adapters([f"probe{i}" for i in range(3)])
     for i in range(3):
-        sampler.adapters.loaded.pop(f"probe{i}", None)
-    sampler.adapters.active = "?"
+        sampler.adapters.unload(f"probe{i}")
     out = {"adapters_loaded": len(names), "switch": summarise(switches),
            "switch_base": summarise(to_base), "load_from_disk": summarise(loads),
            "one_step_generation_s": one_step_s,

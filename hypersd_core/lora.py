@@ -6,7 +6,6 @@ model, and fuse with a scale.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
@@ -147,53 +146,6 @@ def read_lora_state(path: Path) -> dict[str, torch.Tensor] | None:
             rank = fixed[up].shape[1]
             fixed[up] = fixed[up] * (float(alpha) / rank)
     return fixed
-
-
-class AdapterSet:
-    """Several named LoRAs on one base pipeline; switching changes no base weights."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.loaded: dict[str, Path] = {}
-        self.active: str | None = None
-        self.last_switch_s = 0.0
-
-    def load(self, name: str, path: str | Path) -> None:
-        """Load a diffusers- or kohya-format file (diffusers converts kohya keys)."""
-        if name in self.loaded:
-            return
-        weights = check_lora_file(path)
-        state = read_lora_state(weights)
-        if state is None:
-            self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
-                                        adapter_name=name)
-        else:
-            self.pipe.load_lora_weights(state, adapter_name=name)
-        self.loaded[name] = weights
-        self.active = "?"  # loading activates the new adapter; force the next switch
-
-    def use(self, name: str | None, scale: float = 1.0) -> float:
-        """Activate one adapter (None = the base model); return the switch time in seconds."""
-        t0 = time.perf_counter()
-        if name != self.active:
-            if name is None:
-                if self.loaded:
-                    self.pipe.disable_lora()
-            else:
-                if name not in self.loaded:
-                    raise KeyError(f"adapter {name!r} is not loaded (loaded: {list(self.loaded)})")
-                self.pipe.enable_lora()
-                self.pipe.set_adapters([name], adapter_weights=[scale])
-            self.active = name
-        self.last_switch_s = time.perf_counter() - t0
-        return self.last_switch_s
-
-    def fuse(self, names: list[str], scales: list[float]) -> None:
-        """Fuse adapters into the base weights with the given scales."""
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(names, adapter_weights=scales)
-        self.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-        self.active = "?"
 
 
 @contextlib.contextmanager

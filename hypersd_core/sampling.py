@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .lora import AdapterSet
+from .adapters import AdapterSet
 from .models import Backbone
 
 
