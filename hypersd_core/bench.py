@@ -261,7 +261,7 @@ def _adapter_arg(adapters: dict, method: str, steps: int) -> str | None:
 # ------------------------------------------------------------------ the run
 
 def run_bench(model: str = "digits", plan: BenchPlan | None = None, device: str = "cpu",
-              out: str | Path = "results/bench.json", log=print) -> dict:
+              out: str | Path = "assets/results/bench.json", log=print) -> dict:
     """Run every CPU/GPU benchmark on ``model`` and write JSON, Markdown and a PNG.
 
     Args:
@@ -347,7 +347,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="digits", help="'digits' or a diffusers pipeline folder")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (about a minute)")
     p.add_argument("--out", default=None,
-                   help="JSON path (default results/bench.json; --gpu: results/bench_gpu.json)")
+                   help="JSON path (default assets/results/bench.json; --gpu: assets/results/bench_gpu.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", help="comma list of step counts (default 1,2,4,8)")
     p.add_argument("--methods", help="comma list of few-step methods")
@@ -401,7 +401,7 @@ def main_bench(args) -> int:
     if args.gpu:
         from .bench_gpu import run_gpu_check
 
-        run_gpu_check(out=args.out or "results/bench_gpu.json", dry_run=args.dry_run,
+        run_gpu_check(out=args.out or "assets/results/bench_gpu.json", dry_run=args.dry_run,
                       dtype=args.dtype, device=None if args.dry_run else args.device)
         return 0
     if args.dry_run:
@@ -413,11 +413,11 @@ def main_bench(args) -> int:
     if unknown:
         raise ValueError(f"unknown few-step methods {unknown}; choose from "
                          f"{', '.join(m for m in RECIPES if m != 'teacher')}")
-    result = run_bench(args.model, plan, device, args.out or "results/bench.json")
+    result = run_bench(args.model, plan, device, args.out or "assets/results/bench.json")
     if args.update_readme:
         from .bench_report import readme_section, update_readme
 
-        gpu_file = Path(args.out or "results/bench.json").parent / "bench_gpu.json"
+        gpu_file = Path(args.out or "assets/results/bench.json").parent / "bench_gpu.json"
         gpu = json.loads(gpu_file.read_text()) if gpu_file.is_file() else None
         print(f"updated {update_readme(ROOT / 'README.md', readme_section(result, gpu))}")
     return 0

@@ -163,7 +163,7 @@ def readme_section(result: dict | None, gpu: dict | None = None) -> str:
     out = ["Measured by `python -m hypersd_core bench` (one process; median of several repeats "
            "after a warm-up; `--quick` for a one-minute run) and written here with "
            "`python -m hypersd_core bench --update-readme`. Full tables and the plot: "
-           "`results/bench.md`, `results/bench.png`; raw figures: `results/bench.json`.", ""]
+           "`assets/results/bench.md`, `assets/results/bench.png`; raw figures: `assets/results/bench.json`.", ""]
     if result is None:
         out.append("Digits-world figures: not measured yet (the shipped adapters were still "
                    "training when this section was written; timing beside training jobs on a "

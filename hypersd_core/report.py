@@ -23,7 +23,7 @@ SECTIONS = [
      "teacher,lcm,tcd,hypersd,hypersd-unified --steps 1,2,4,8 --num-images 800 "
      "--out assets/results/digits.json"),
     ("feedback", "Human-feedback stage: digits rewards and FD before / after",
-     "python -m hypersd_core.feedback_report --out assets/results/feedback.json"),
+     "python -m hypersd_core.reward_eval --entry k1=hypersd:1:hypersd-k1 --entry k1-feedback=hypersd:1:hypersd-k1-feedback --num-images 800 --out assets/results/feedback.json"),
 ]
 
 
