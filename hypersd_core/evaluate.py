@@ -182,6 +182,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="results/results.json")
     p.add_argument("--metrics", default="", help="real models: clip,aesthetic,imagereward,pickscore")
     p.add_argument("--prompts", help="real models: a prompt list file (one per line)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing --out table (same method and steps: replaced)")
     p.add_argument("--adapter", action="append", default=[], metavar="METHOD=FILE",
                    help="use FILE as METHOD's adapter (e.g. hypersd-unified=runs/x/final)")
     p.add_argument("--reward-weights", action="append", default=[], metavar="NAME=PATH",
@@ -213,6 +215,11 @@ def main_evaluate(args) -> int:
     floor = default_evaluator().fd_floor
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.is_file():
+        new = {(r["method"], r["steps"]) for r in rows}
+        old = [r for r in json.loads(out.read_text())["rows"] if (r["method"], r["steps"]) not in new]
+        order = list(dict.fromkeys([r["method"] for r in old] + [r["method"] for r in rows]))
+        rows = sorted(old + rows, key=lambda r: (order.index(r["method"]), r["steps"]))
     out.write_text(json.dumps({"rows": rows, "fd_floor": floor, "num_images": args.num_images},
                               indent=1))
     out.with_suffix(".md").write_text(markdown_table(rows, floor))

@@ -76,11 +76,10 @@ def pad_lora_rank(path: str | Path, rank: int | None = None) -> int:
     An SVD merge keeps at most min(out, in) components of a small layer; zero rows
     and columns change no output and let single-rank loaders (PEFT) take the file.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from .lora import check_lora_file
-
-    from safetensors import safe_open
 
     path = check_lora_file(path)
     state = load_file(str(path))

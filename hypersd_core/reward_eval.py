@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from .reward_log import DIGITS_REWARDS
 
 HELDOUT_SEED = 50_000
