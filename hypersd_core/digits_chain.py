@@ -62,7 +62,7 @@ def build_digits_chain(stages: list[str], runs_root: str | Path = "runs/chain",
     runs_root = Path(runs_root)
     finals: dict[str, Path] = {}
     times_path = DIGITS_ADAPTERS / "stage_times.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    times: dict = {}
     for stage in stages:
         cfg_overrides = list(overrides or [])
         if stage in PREVIOUS:
@@ -80,6 +80,8 @@ def build_digits_chain(stages: list[str], runs_root: str | Path = "runs/chain",
         if status.get("state") != "done":
             raise RuntimeError(f"stage {stage} ended {status.get('state')}: {status.get('error')}")
         finals[stage] = run.final_dir / WEIGHT_NAME
+        # re-read: another chain may have finished a stage meanwhile
+        times = json.loads(times_path.read_text()) if times_path.is_file() else {}
         times[EXPORT_NAMES[stage]] = {"seconds": round(seconds, 1), "steps": cfg.steps,
                                       "batch_size": cfg.batch_size, "run": str(run.dir)}
         print(f"stage {stage}: {seconds:.0f} s ({cfg.steps} steps)")
