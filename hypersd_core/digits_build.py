@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import digits
 from .paths import DIGITS_DIR
 
-GUIDANCE_SCALE = 4.0  # recommended CFG of the digits teacher (measured: see README results)
+GUIDANCE_SCALE = 2.0  # recommended CFG of the digits teacher: best FD at >= 99% accuracy (README)
 
 
 @dataclass

@@ -109,7 +109,7 @@ def eval_prompts(num_images: int, seed: int = 1000) -> tuple[list[str], list[int
 
 def evaluate_digits(sampler, methods: list[str], steps_list: list[int], num_images: int,
                     teacher_steps: int = 25, batch_size: int = 200, adapters: dict | None = None,
-                    log=print) -> list[dict]:
+                    guidance: float | None = None, log=print) -> list[dict]:
     """One row per (method, steps): metrics plus seconds per image."""
     evaluator = default_evaluator()
     prompts, seeds = eval_prompts(num_images)
@@ -120,9 +120,12 @@ def evaluate_digits(sampler, methods: list[str], steps_list: list[int], num_imag
             steps_for.append(teacher_steps)
         for steps in steps_for:
             t0 = time.perf_counter()
+            cfg = guidance if method == "teacher" else None
             gen = sampler.generate(method, steps, prompts, seeds, batch_size=batch_size,
-                                   adapter=(adapters or {}).get(method))
+                                   adapter=(adapters or {}).get(method), guidance=cfg)
             row = {"method": method, "steps": steps, "adapter": gen.adapter,
+                   "guidance": cfg if cfg is not None else
+                   (sampler.backbone.guidance_scale if method == "teacher" else 0.0),
                    **evaluator.metrics(gen.images, prompts),
                    "s_per_image": float(np.mean(gen.seconds_per_image)),
                    "n": num_images, "wall_s": time.perf_counter() - t0}
@@ -133,10 +136,11 @@ def evaluate_digits(sampler, methods: list[str], steps_list: list[int], num_imag
 
 
 def markdown_table(rows: list[dict], floor: float | None = None) -> str:
-    lines = ["| method | steps | adapter | digit acc % | colour acc % | FD | ms / image |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | steps | CFG | adapter | digit acc % | colour acc % | FD | ms / image |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['steps']} | {r.get('adapter') or '-'} | "
+        cfg = r.get("guidance") or "-"
+        lines.append(f"| {r['method']} | {r['steps']} | {cfg} | {r.get('adapter') or '-'} | "
                      f"{r['digit_acc']:.1f} | {r['colour_acc']:.1f} | {r['fd']:.2f} | "
                      f"{1000 * r['s_per_image']:.2f} |")
     if floor is not None:
@@ -154,11 +158,11 @@ def plot_rows(rows: list[dict], out_png: str | Path, metrics=("digit_acc", "colo
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
     for ax, metric in zip(np.atleast_1d(axes), metrics):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["steps"], r[metric]) for r in rows
-                         if r["method"] == method and r["steps"] <= 8)
+        for method, cfg in dict.fromkeys((r["method"], r.get("guidance") or 0) for r in rows):
+            pts = sorted((r["steps"], r[metric]) for r in rows if r["method"] == method
+                         and (r.get("guidance") or 0) == cfg and r["steps"] <= 8)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+                ax.plot(*zip(*pts), marker="o", label=f"{method} (CFG {cfg})" if cfg else method)
         if metric == "fd" and floor is not None:
             ax.axhline(floor, color="grey", ls=":", label="real-vs-real floor")
         ax.set_xscale("log", base=2)
@@ -182,6 +186,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="results/results.json")
     p.add_argument("--metrics", default="", help="real models: clip,aesthetic,imagereward,pickscore")
     p.add_argument("--prompts", help="real models: a prompt list file (one per line)")
+    p.add_argument("--guidance", type=float,
+                   help="the teacher's CFG scale (default: the model's recommended one)")
     p.add_argument("--append", action="store_true",
                    help="merge into an existing --out table (same method and steps: replaced)")
     p.add_argument("--adapter", action="append", default=[], metavar="METHOD=FILE",
@@ -211,15 +217,18 @@ def main_evaluate(args) -> int:
         return main_evaluate_real(args, methods, steps, adapters)
     sampler = Sampler(load_backbone("digits"))
     rows = evaluate_digits(sampler, methods, steps, args.num_images, args.teacher_steps,
-                           adapters=adapters)
+                           adapters=adapters, guidance=args.guidance)
     floor = default_evaluator().fd_floor
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and out.is_file():
-        new = {(r["method"], r["steps"]) for r in rows}
-        old = [r for r in json.loads(out.read_text())["rows"] if (r["method"], r["steps"]) not in new]
+        def key(r):
+            return r["method"], r["steps"], r.get("guidance")
+        new = {key(r) for r in rows}
+        old = [r for r in json.loads(out.read_text())["rows"] if key(r) not in new]
         order = list(dict.fromkeys([r["method"] for r in old] + [r["method"] for r in rows]))
-        rows = sorted(old + rows, key=lambda r: (order.index(r["method"]), r["steps"]))
+        rows = sorted(old + rows, key=lambda r: (order.index(r["method"]), -(r.get("guidance") or 0),
+                                                 r["steps"]))
     out.write_text(json.dumps({"rows": rows, "fd_floor": floor, "num_images": args.num_images},
                               indent=1))
     out.with_suffix(".md").write_text(markdown_table(rows, floor))

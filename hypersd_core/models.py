@@ -29,7 +29,7 @@ def _quiet_libraries() -> None:
     dlog.set_verbosity_error()
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
-DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 7.5, "digits": 4.0}
+DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 7.5, "digits": 2.0}
 
 
 class ModelNotFoundError(FileNotFoundError):
