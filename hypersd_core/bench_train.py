@@ -45,6 +45,9 @@ def stage_config(stage: str, backbone, batch_size: int):
     if cfg.init_adapter and not Path(cfg.init_adapter).exists():
         notes.append(f"init adapter {cfg.init_adapter} absent: started from scratch")
         values["init_adapter"] = ""
+    elif cfg.init_adapter and backbone.kind != cfg.model:
+        notes.append(f"init adapter belongs to the {cfg.model} model: started from scratch")
+        values["init_adapter"] = ""
     elif cfg.init_adapter and stage not in SEPARATE_INIT_STAGES:
         values["init_adapter"] = ""  # the starting weights do not change the step's cost
     if backbone.kind != "digits" and cfg.perceptual_weight > 0:
