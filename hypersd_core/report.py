@@ -23,9 +23,9 @@ SECTIONS = [
      "teacher,lcm,tcd,hypersd,hypersd-unified --steps 1,2,4,8 --num-images 800 "
      "--out assets/results/digits.json"),
     ("feedback", "Human-feedback stage: digits rewards and FD before / after (held-out seeds; "
-     "k1 = the first-round TSCD k=1 adapter the feedback stage was trained on)",
-     "python -m hypersd_core.reward_eval --entry k1=hypersd:1:K1_LORA --entry "
-     "k1-feedback=hypersd:1:hypersd-k1-feedback --entry k1@2=hypersd:2:K1_LORA --entry "
+     "k1 = the shipped TSCD k=1 adapter the feedback stage was trained on)",
+     "python -m hypersd_core.reward_eval --entry k1=hypersd:1:hypersd-k1 --entry "
+     "k1-feedback=hypersd:1:hypersd-k1-feedback --entry k1@2=hypersd:2:hypersd-k1 --entry "
      "k1-feedback@2=hypersd:2:hypersd-k1-feedback --num-images 800 --out assets/results/feedback.json"),
 ]
 
