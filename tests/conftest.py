@@ -94,6 +94,22 @@ def build_tiny_sdxl(folder):
     return folder
 
 
+def make_image_folder(folder, n: int):
+    """n random 32x32 PNGs with digits captions in metadata.jsonl (FolderData's layout)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a red handwritten digit {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
     return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))

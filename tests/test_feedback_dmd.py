@@ -5,13 +5,11 @@ keeps its fake score, and bad inputs fail clearly."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import make_image_folder
 
 from hypersd_core import dmd
 from hypersd_core import feedback as fb
@@ -32,14 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fbdata")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(4):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a red handwritten digit {i}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines))
-    return folder
+    return make_image_folder(tmp_path_factory.mktemp("fbdata"), 4)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ losses stop a run, and a two-process CPU run keeps the processes in agreement.""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import make_image_folder
 
 from hypersd_core.config import load_preset, make_config
 from hypersd_core.runs import Run, launch
@@ -22,14 +21,7 @@ from hypersd_core.train import NonFiniteLossError, train
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(8):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a red handwritten digit {i}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines))
-    return folder
+    return make_image_folder(tmp_path_factory.mktemp("data"), 8)
 
 
 def _cfg(model, data, **kw):
