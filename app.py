@@ -18,9 +18,9 @@ from pathlib import Path
 import gradio as gr
 
 from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
-from hypersd_core.appsupport import AppSettings, ModelService
+from hypersd_core.app.service import AppSettings, ModelService
 from hypersd_core.paths import ROOT
-from hypersd_core.study import StudyConfig, StudyStore
+from hypersd_core.study.store import StudyConfig, StudyStore
 from train_tab import build_rewards_tab, build_train_tab
 from train_tab import controller as train_ctl
 

@@ -1,4 +1,4 @@
-"""Generate, Compare and User-study tabs: UI over hypersd_core.sampling / study."""
+"""Generate, Compare and User-study tabs: UI over hypersd_core.models.sampling / study."""
 
 from .compare import build_compare_tab, build_generate_tab
 from .study import build_study_tab

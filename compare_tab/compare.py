@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from hypersd_core.appsupport import (
+from hypersd_core.app.service import (
     COMPARE_METHODS,
     COMPARE_STEPS,
     AppSettings,
@@ -26,7 +26,7 @@ from hypersd_core.appsupport import (
     official_method,
     reward_choices,
 )
-from hypersd_core.sampling import RECIPES
+from hypersd_core.models.sampling import RECIPES
 
 MAX_PROMPTS = 4
 ROW_LABELS = {"teacher": "teacher", "lcm": "LCM", "tcd": "TCD", "hypersd": "Hyper-SD N-step",

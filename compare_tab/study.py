@@ -10,8 +10,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from hypersd_core.appsupport import AppSettings, ModelService, gpu
-from hypersd_core.study import (
+from hypersd_core.app.service import AppSettings, ModelService, gpu
+from hypersd_core.study.store import (
     CHOICES,
     InvalidToken,
     StudyConfig,

@@ -38,13 +38,13 @@ def _int_list(text: str) -> list[int]:
 # ------------------------------------------------------------------ commands
 
 def cmd_sample(args) -> int:
-    from .models import load_backbone
-    from .sampling import RECIPES, Sampler
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.models.sampling import RECIPES, Sampler
 
     if args.method not in RECIPES:
         raise CLIError(f"unknown method {args.method!r}; choose from {', '.join(RECIPES)}")
     if args.lora:
-        from .lora import check_lora_file
+        from hypersd_core.models.lora import check_lora_file
 
         try:
             check_lora_file(args.lora)
@@ -68,9 +68,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_preset
-    from .runs import Run
-    from .train import train
+    from hypersd_core.training.config import load_preset
+    from hypersd_core.training.runs import Run
+    from hypersd_core.training.trainer import train
 
     if args.resume:
         run = Run(args.resume)
@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from .runs import Run
+    from hypersd_core.training.runs import Run
 
     run = Run(args.run_dir)
     run.config()
@@ -97,7 +97,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .runs import Run
+    from hypersd_core.training.runs import Run
 
     run = Run(args.run_dir)
     run.config()
@@ -106,7 +106,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_build_digits(args) -> int:
-    from .digits_build import BuildConfig, build
+    from hypersd_core.digits.build import BuildConfig, build
 
     t0 = time.perf_counter()
     cfg = BuildConfig(**({"unet_steps": args.unet_steps} if args.unet_steps else {}))
@@ -117,7 +117,7 @@ def cmd_build_digits(args) -> int:
 
 
 def cmd_chain(args) -> int:
-    from .digits_chain import build_digits_chain
+    from hypersd_core.digits.chain import build_digits_chain
 
     build_digits_chain(args.stages.split(","), runs_root=args.runs_root,
                        export=not args.no_export, overrides=args.set)
@@ -125,19 +125,19 @@ def cmd_chain(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import main_evaluate
+    from hypersd_core.digits.evaluate import main_evaluate
 
     return main_evaluate(args)
 
 
 def cmd_bench(args) -> int:
-    from .bench import main_bench
+    from hypersd_core.bench.run import main_bench
 
     return main_bench(args)
 
 
 def cmd_export_kohya(args) -> int:
-    from .lora import export_kohya
+    from hypersd_core.models.lora import export_kohya
 
     try:
         print(export_kohya(args.lora, args.out))
@@ -147,7 +147,7 @@ def cmd_export_kohya(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .rewards import score_images
+    from hypersd_core.rewards import score_images
 
     for name, value in score_images(args.reward, args.images, args.prompt, path=args.weights):
         print(f"{name}\t{value:.4f}")
@@ -155,7 +155,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import main as report_main
+    from hypersd_core.evaluation.report import main as report_main
 
     return report_main()
 
@@ -216,13 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_chain)
 
     p = sub.add_parser("evaluate", help="metric table of methods x steps")
-    from .evaluate import add_arguments
+    from hypersd_core.digits.evaluate import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("bench", help="speed, memory and scaling benchmarks (--gpu: GPU check)")
-    from .bench import add_arguments as add_bench_arguments
+    from hypersd_core.bench.run import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(fn=cmd_bench)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .models import ModelNotFoundError
+    from hypersd_core.models.backbone import ModelNotFoundError
 
     try:
         return args.fn(args)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp / "gradio"))
     t0 = time.perf_counter()
     import app
-    from hypersd_core.appsupport import AppSettings
+    from hypersd_core.app.service import AppSettings
 
     settings = AppSettings.from_env(model=args.model, study_db=tmp / "study" / "votes.db",
                                     port=args.port)

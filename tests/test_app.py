@@ -38,7 +38,7 @@ def make_lora_file(model_dir, out_file):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from hypersd_core.lora import add_lora, save_lora
+    from hypersd_core.models.lora import add_lora, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def make_lora_file(model_dir, out_file):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Settings pointing every location at a temp folder, and a tiny model."""
-    from hypersd_core.appsupport import AppSettings
+    from hypersd_core.app.service import AppSettings
 
     root = tmp_path_factory.mktemp("app")
     model = make_tiny_digits(root / "tiny")
@@ -62,7 +62,7 @@ def env(tmp_path_factory):
         "prompts": ["a red handwritten digit 7", "a blue handwritten digit 3"],
         "methods": ["teacher", "hypersd-unet"], "steps": [1, 2], "seeds": [0, 1]}))
     mp = pytest.MonkeyPatch()
-    mp.setattr("hypersd_core.models.DIGITS_ADAPTERS", root / "no-adapters")  # tiny: none shipped
+    mp.setattr("hypersd_core.models.backbone.DIGITS_ADAPTERS", root / "no-adapters")  # tiny: none shipped
     mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio-tmp"))
     mp.setenv("HYPERSD_STUDY_SALT", "test-salt-0123456789abcdef")
     settings = AppSettings.from_env(
@@ -245,7 +245,7 @@ def test_public_mode_disables_training(env):
 @pytest.fixture()
 def handlers(launched, env):
     from compare_tab.study import StudyHandlers
-    from hypersd_core.study import StudyConfig
+    from hypersd_core.study.store import StudyConfig
 
     demo = launched[0]
     return StudyHandlers(demo.hypersd["service"], demo.hypersd["store"],
@@ -375,8 +375,8 @@ def test_score_table(launched):
 
 
 def test_chain_passes_adapters_and_stops_after_a_failed_stage(env, tmp_path):
-    from hypersd_core import chain
-    from hypersd_core.config import load_preset
+    from hypersd_core.training import chain
+    from hypersd_core.training.config import load_preset
 
     first = load_preset("digits-tscd-k8", {"model": str(tmp_path / "missing-model"), "steps": 2})
     second = load_preset("digits-tscd-k4", {"model": env.model, "steps": 2})

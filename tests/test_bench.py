@@ -31,7 +31,7 @@ TINY_ARGS = ["--quick", "--steps", "1,2", "--methods", "hypersd,lcm", "--teacher
 
 def test_gpu_check_dry_run(tmp_path):
     """The GPU check's code at tiny sizes on the CPU: every part runs, one JSON file."""
-    from hypersd_core.bench_gpu import load_configs, run_gpu_check
+    from hypersd_core.bench.gpu import load_configs, run_gpu_check
 
     out = tmp_path / "gpu.json"
     result = run_gpu_check(out=out, dry_run=True, log=lambda *a: None)
@@ -53,7 +53,7 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_gpu_check_needs_cuda_or_dry_run():
-    from hypersd_core.bench_gpu import run_gpu_check
+    from hypersd_core.bench.gpu import run_gpu_check
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -115,7 +115,7 @@ def test_bench_arguments_are_checked(tiny_sd15, tmp_path):
 
 
 def test_update_readme_replaces_only_its_section(tmp_path):
-    from hypersd_core.bench_report import update_readme
+    from hypersd_core.bench.report import update_readme
 
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n## Usage\n\nrun it\n")
@@ -150,8 +150,8 @@ def reward_config(tiny_open_clip, tiny_imagereward, tiny_pickscore, tmp_path_fac
 
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_sd15, tmp_path_factory):
-    from hypersd_core.bench import random_adapter
-    from hypersd_core.models import load_backbone
+    from hypersd_core.bench.measure import random_adapter
+    from hypersd_core.models.backbone import load_backbone
 
     return random_adapter(load_backbone(str(tiny_sd15)), "hyper", 4,
                           tmp_path_factory.mktemp("lora"))
@@ -179,7 +179,7 @@ def test_evaluate_real_tiny(tiny_sd15, tiny_lora, reward_config, tmp_path):
 
 
 def test_evaluate_real_clear_errors(tiny_sd15, tiny_lora, tmp_path, capsys, monkeypatch):
-    from hypersd_core.evaluate_real import parse_metrics, reward_settings
+    from hypersd_core.evaluation.paper_metrics import parse_metrics, reward_settings
 
     base = ["evaluate", "--model", str(tiny_sd15), "--methods", "hypersd", "--steps", "1",
             "--out", str(tmp_path / "r.json")]
@@ -196,7 +196,7 @@ def test_evaluate_real_clear_errors(tiny_sd15, tiny_lora, tmp_path, capsys, monk
 
 
 def test_coco_prompts_ship():
-    from hypersd_core.evaluate_real import DEFAULT_PROMPTS, read_prompts
+    from hypersd_core.evaluation.paper_metrics import DEFAULT_PROMPTS, read_prompts
 
     prompts = read_prompts(DEFAULT_PROMPTS)
     assert len(prompts) == 100 and len(set(prompts)) == 100

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.skipif(find_chromium() is None, reason="chromium is no
 @pytest.fixture()
 def app_url(tmp_path, monkeypatch):
     import app
-    from hypersd_core.appsupport import AppSettings
+    from hypersd_core.app.service import AppSettings
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-tmp"))
     monkeypatch.setenv("HYPERSD_STUDY_SALT", "browser-salt-0123456789")
@@ -23,7 +23,7 @@ def app_url(tmp_path, monkeypatch):
     # the page's default recipe (Hyper-SD, 1 step) uses adapter hypersd-k1: give the tiny model one
     adapters = tmp_path / "adapters"
     make_lora_file(model, adapters / "hypersd-k1" / "pytorch_lora_weights.safetensors")
-    monkeypatch.setattr("hypersd_core.models.DIGITS_ADAPTERS", adapters)
+    monkeypatch.setattr("hypersd_core.models.backbone.DIGITS_ADAPTERS", adapters)
     settings = AppSettings.from_env(
         model=str(model), runs_dir=tmp_path / "runs",
         study_db=tmp_path / "study" / "votes.db", lora_dir=tmp_path / "loras",

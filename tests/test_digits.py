@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hypersd_core import digits
+from hypersd_core.digits import world as digits
 from hypersd_core.paths import DIGITS_EVAL, DIGITS_PIPELINE
 
 shipped = pytest.mark.skipif(not (DIGITS_PIPELINE / "model_index.json").is_file(),
@@ -62,7 +62,7 @@ def test_tokenizer_keeps_caption_words_whole(tmp_path):
 
 
 def test_ink_colour_and_frechet_on_known_inputs():
-    from hypersd_core.evaluate import frechet_distance, ink_colour
+    from hypersd_core.digits.evaluate import frechet_distance, ink_colour
 
     ink = digits.ink_32()[:8]
     for i, name in enumerate(digits.COLOUR_NAMES):
@@ -75,7 +75,7 @@ def test_ink_colour_and_frechet_on_known_inputs():
 
 @shipped
 def test_metrics_on_real_heldout_images():
-    from hypersd_core.evaluate import default_evaluator
+    from hypersd_core.digits.evaluate import default_evaluator
 
     ev = default_evaluator()
     held = digits.DigitsDataset("heldout")
@@ -107,9 +107,9 @@ def test_shipped_pipeline_loads_in_stock_diffusers():
 @shipped
 def test_quick_quality_of_shipped_teacher():
     """80 images (every prompt once) at 25 steps: the teacher draws the prompted digits."""
-    from hypersd_core.evaluate import default_evaluator, eval_prompts
-    from hypersd_core.models import load_backbone
-    from hypersd_core.sampling import Sampler
+    from hypersd_core.digits.evaluate import default_evaluator, eval_prompts
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.models.sampling import Sampler
 
     prompts, seeds = eval_prompts(80)
     gen = Sampler(load_backbone("digits")).generate("teacher", 25, prompts, seeds)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import make_image_folder
 
-from hypersd_core import dmd
-from hypersd_core import feedback as fb
-from hypersd_core.config import make_config
-from hypersd_core.lora import WEIGHT_NAME
-from hypersd_core.runs import Run
-from hypersd_core.train import train
+from hypersd_core.distill import dmd
+from hypersd_core.distill import feedback as fb
+from hypersd_core.models.lora import WEIGHT_NAME
+from hypersd_core.training.config import make_config
+from hypersd_core.training.runs import Run
+from hypersd_core.training.trainer import train
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +36,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def k1_lora(tiny_sd15, tmp_path_factory):
     """A random rank-4 LoRA standing in for the TSCD k=1 adapter."""
-    from hypersd_core.lora import add_lora, save_lora
-    from hypersd_core.models import load_backbone
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.models.lora import add_lora, save_lora
 
     unet = load_backbone(str(tiny_sd15)).unet
     torch.manual_seed(1)
@@ -122,7 +122,7 @@ def test_multistep_starts_are_tcd_timesteps():
     ({"stage": "dmd", "perceptual_backend": "yolo"}, "perceptual_backend"),
 ])
 def test_bad_configs_fail_before_any_model_loads(values, match, monkeypatch):
-    import hypersd_core.models as models
+    import hypersd_core.models.backbone as models
 
     monkeypatch.setattr(models, "load_backbone", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=match):
@@ -140,7 +140,7 @@ def test_perceptual_without_ground_truth_is_clear(tiny_sd15, data_dir, tmp_path)
 
 
 def _stage_on(backbone, cfg):
-    from hypersd_core.train import make_stage, setup_student
+    from hypersd_core.training.trainer import make_stage, setup_student
 
     params = setup_student(backbone, cfg)
     stage = make_stage(cfg, backbone)
@@ -148,8 +148,8 @@ def _stage_on(backbone, cfg):
 
 
 def test_reward_gradients_reach_the_feedback_lora(tiny_sd15, k1_lora, data_dir):
-    from hypersd_core.data import make_data
-    from hypersd_core.models import load_backbone
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.training.data import make_data
 
     cfg = _cfg(tiny_sd15, data_dir, stage="feedback", init_adapter=str(k1_lora),
                rewards={"digits-quality": 1.0, "digits-alignment": 1.0}, reward_alpha=2.0,
@@ -171,7 +171,7 @@ def test_reward_gradients_reach_the_feedback_lora(tiny_sd15, k1_lora, data_dir):
 def test_feedback_run_merges_into_one_lora_equal_to_both(tiny_sd15, k1_lora, data_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from hypersd_core.models import load_backbone
+    from hypersd_core.models.backbone import load_backbone
 
     cfg = _cfg(tiny_sd15, data_dir, stage="feedback", init_adapter=str(k1_lora), merge_scale=0.7,
                rewards={"digits-quality": 1.0}, lr=1e-2)

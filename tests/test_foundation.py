@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hypersd_core import lora as L
-from hypersd_core.models import ModelNotFoundError, detect_kind, load_backbone
-from hypersd_core.sampling import RECIPES, Sampler, default_adapter, make_scheduler
+from hypersd_core.models import lora as L
+from hypersd_core.models.backbone import ModelNotFoundError, detect_kind, load_backbone
+from hypersd_core.models.sampling import RECIPES, Sampler, default_adapter, make_scheduler
 
 PROMPT = "a red handwritten digit 7"
 

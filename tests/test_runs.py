@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import make_image_folder
 
-from hypersd_core.config import load_preset, make_config
-from hypersd_core.runs import Run, launch
-from hypersd_core.train import NonFiniteLossError, train
+from hypersd_core.training.config import load_preset, make_config
+from hypersd_core.training.runs import Run, launch
+from hypersd_core.training.trainer import NonFiniteLossError, train
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_partial_or_corrupt_checkpoints_are_skipped(tiny_sd15, data_dir, tmp_pat
     ({"w_min": 5, "w_max": 1}, "w_min (5.0) must be <= w_max (1.0)"),
 ])
 def test_bad_configs_fail_clearly_before_loading(overrides, message, monkeypatch):
-    import hypersd_core.models as models
+    import hypersd_core.models.backbone as models
 
     monkeypatch.setattr(models, "load_backbone", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError) as err:
@@ -135,7 +135,7 @@ def test_cli_rejects_bad_set_before_loading(tmp_path):
 
 
 def test_nonfinite_losses_skip_then_stop(tiny_sd15, data_dir, tmp_path, monkeypatch):
-    from hypersd_core import tscd
+    from hypersd_core.distill import tscd
 
     real = tscd.ConsistencyStage.loss
     calls = {"n": 0}
@@ -161,7 +161,7 @@ def test_two_process_cpu_run_agrees(tiny_sd15, data_dir, tmp_path):
     run = Run.create(tmp_path / "run", _cfg(tiny_sd15, data_dir, steps=3, sample_every=100))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29531", "-m", "hypersd_core.train", "--run-dir", str(run.dir)],
+                          "--master_port", "29531", "-m", "hypersd_core.training.trainer", "--run-dir", str(run.dir)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     status = run.status()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hypersd_core.study import (
+from hypersd_core.study.store import (
     CHOICES,
     RESULT_COLUMNS,
     SALT_ENV,

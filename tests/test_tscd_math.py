@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypersd_core import schedule as S
-from hypersd_core import tscd
-from hypersd_core.adversarial import hinge_d_loss, hinge_g_loss, renoise_time
+from hypersd_core.distill import schedule as S
+from hypersd_core.distill import tscd
+from hypersd_core.distill.adversarial import hinge_d_loss, hinge_g_loss, renoise_time
 
 
 @pytest.fixture(scope="module")

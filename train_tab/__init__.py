@@ -1,4 +1,4 @@
-"""Train & Monitor tab (and the rewards view): UI over hypersd_core.runs / chain."""
+"""Train & Monitor tab (and the rewards view): UI over hypersd_core.training.runs / chain."""
 
 from .rewards_view import build_rewards_tab
 from .ui import build_train_tab

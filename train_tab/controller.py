@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from hypersd_core import chain
-from hypersd_core.appsupport import AppSettings, data_choices, model_choices
-from hypersd_core.config import StageConfig, list_presets, make_config, preset_path
-from hypersd_core.lora import WEIGHT_NAME
-from hypersd_core.runs import Run, list_runs, pid_alive
+from hypersd_core.app.service import AppSettings, data_choices, model_choices
+from hypersd_core.models.lora import WEIGHT_NAME
+from hypersd_core.training import chain
+from hypersd_core.training.config import StageConfig, list_presets, make_config, preset_path
+from hypersd_core.training.runs import Run, list_runs, pid_alive
 
 OWNED_KEYS = ("model", "init_adapter", "data")  # chosen from server-built lists, never typed
 LIVE_STATES = ("queued", "running", "stopping")
@@ -154,7 +154,7 @@ def start_runs(configs: list[StageConfig], settings: AppSettings) -> tuple[list[
 
 def chain_busy(settings: AppSettings) -> str:
     """Name of the run training now ('' when the device is free)."""
-    from hypersd_core.runs import active_run
+    from hypersd_core.training.runs import active_run
 
     run = active_run(settings.runs_dir)
     return run.dir.name if run else ""

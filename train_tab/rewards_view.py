@@ -7,14 +7,14 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from hypersd_core.appsupport import (
+from hypersd_core.app.service import (
     AppSettings,
     ModelService,
     default_rewards,
     gpu,
     reward_choices,
 )
-from hypersd_core.sampling import RECIPES
+from hypersd_core.models.sampling import RECIPES
 
 from . import controller as ctl
 from .ui import EMPTY

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from hypersd_core.appsupport import AppSettings, data_choices, model_choices
+from hypersd_core.app.service import AppSettings, data_choices, model_choices
 
 from . import controller as ctl
 

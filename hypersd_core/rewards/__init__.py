@@ -4,7 +4,7 @@ Heavy backends (open_clip, transformers, image-reward, torchvision detection) im
 lazily through :func:`load_reward`.
 """
 
-from .base import (
+from hypersd_core.rewards.base import (
     REWARDS,
     Reward,
     RewardWeightsMissing,
@@ -14,7 +14,7 @@ from .base import (
     load_reward,
     to_image_tensor,
 )
-from .scoring import score_images
+from hypersd_core.rewards.scoring import score_images
 
 __all__ = [
     "REWARDS",

@@ -16,8 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CLIP_MEAN, CLIP_STD, Reward, clip_preprocess, load_state_dict_file, resolve_file
-from .openclip import build_open_clip
+from hypersd_core.rewards.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Reward,
+    clip_preprocess,
+    load_state_dict_file,
+    resolve_file,
+)
+from hypersd_core.rewards.openclip import build_open_clip
 
 MLP_REPO = "camenduru/improved-aesthetic-predictor"  # mirrors the GitHub file
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import CLIP_MEAN, CLIP_STD, Reward, clip_preprocess
-from .openclip import build_open_clip
+from hypersd_core.rewards.base import CLIP_MEAN, CLIP_STD, Reward, clip_preprocess
+from hypersd_core.rewards.openclip import build_open_clip
 
 
 class ClipScore(Reward):

@@ -23,9 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import digits as world
-from ..paths import DIGITS_DIR
-from .base import ImagesLike, PromptsLike, Reward, RewardWeightsMissing, to_image_tensor
+from hypersd_core.digits import world
+from hypersd_core.paths import DIGITS_DIR
+from hypersd_core.rewards.base import (
+    ImagesLike,
+    PromptsLike,
+    Reward,
+    RewardWeightsMissing,
+    to_image_tensor,
+)
 
 REWARDS_DIR = DIGITS_DIR / "rewards"
 FILES = {"digits-quality": "quality.safetensors", "digits-alignment": "alignment.safetensors",

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .. import digits as world
-from .digits import (
+from hypersd_core.digits import world
+from hypersd_core.rewards.digits import (
     CLASSES,
     FILES,
     REWARDS_DIR,

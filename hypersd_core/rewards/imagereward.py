@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import (
+from hypersd_core.rewards.base import (
     CLIP_MEAN,
     CLIP_STD,
     Reward,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import load_state_dict_file, resolve_file
+from hypersd_core.rewards.base import load_state_dict_file, resolve_file
 
 OPENAI_HUB = {  # open_clip-format copies of OpenAI's CLIP weights on the hub
     "ViT-B-32": "timm/vit_base_patch32_clip_224.openai",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import (
+from hypersd_core.rewards.base import (
     ImagesLike,
     PromptsLike,
     Reward,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, RewardWeightsMissing, clip_preprocess, hub_offline
+from hypersd_core.rewards.base import Reward, RewardWeightsMissing, clip_preprocess, hub_offline
 
 MODEL_REPO = "yuvalkirstain/PickScore_v1"
 PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

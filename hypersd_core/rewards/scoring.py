@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .base import available_rewards, load_reward
+from hypersd_core.rewards.base import available_rewards, load_reward
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -1,0 +1,317 @@
+"""What the app needs from the library, with no UI in it: settings, one model in memory,
+generation cells that report errors instead of raising, reward scoring and the
+server-built lists of files the UI may offer (nothing is ever a typed path).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from hypersd_core.paths import ROOT
+from hypersd_core.study.store import STUDY_YAML
+
+COMPARE_METHODS = ("teacher", "lcm", "tcd", "hypersd", "hypersd-unified")
+COMPARE_STEPS = (1, 2, 4, 8)
+TEACHER_REFERENCE_STEPS = 25
+SCORED_REWARDS = ("digits-quality", "digits-alignment")  # default scores on the digits world
+NEEDS_TARGETS = ("perception", "digits-perception")  # losses against ground truth: not for generated images
+
+
+@dataclass
+class AppSettings:
+    """Where things are and what the app may do; filled from CLI flags and env vars."""
+
+    model: str = "digits"
+    runs_dir: Path = ROOT / "runs"
+    study_db: Path = ROOT / "study" / "votes.db"
+    study_config: Path = STUDY_YAML
+    lora_dir: Path = ROOT / "models" / "loras"
+    models_dir: Path = ROOT / "models"
+    data_dir: Path = ROOT / "data"
+    public: bool = False
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_file_size: str = "10mb"
+    queue_size: int = 32
+    extra_models: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls, **overrides) -> AppSettings:
+        """Settings from HYPERSD_* / GRADIO_SERVER_* env vars, then explicit overrides."""
+        env = os.environ
+        s = cls(
+            model=env.get("HYPERSD_MODEL", "digits"),
+            runs_dir=Path(env.get("HYPERSD_RUNS_DIR", ROOT / "runs")),
+            study_db=Path(env.get("HYPERSD_STUDY_DB", ROOT / "study" / "votes.db")),
+            study_config=Path(env.get("HYPERSD_STUDY_CONFIG", STUDY_YAML)),
+            lora_dir=Path(env.get("HYPERSD_LORA_DIR", ROOT / "models" / "loras")),
+            models_dir=Path(env.get("HYPERSD_MODELS_DIR", ROOT / "models")),
+            data_dir=Path(env.get("HYPERSD_DATA_DIR", ROOT / "data")),
+            public=on_space() or env.get("HYPERSD_PUBLIC", "") in ("1", "true", "yes"),
+            host=env.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_space() else "127.0.0.1"),
+            port=int(env.get("GRADIO_SERVER_PORT", "7860")),
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(s, key, value)
+        s.public = s.public or on_space()
+        for key in ("runs_dir", "study_db", "study_config", "lora_dir", "models_dir", "data_dir"):
+            setattr(s, key, Path(getattr(s, key)).resolve())
+        return s
+
+    @property
+    def training_disabled_reason(self) -> str:
+        """Why training controls are off ('' when they are on)."""
+        if on_space():
+            return ("Training is off on a Space (GPU time there is too short for a stage): "
+                    "this tab shows finished runs. Run `python app.py` on your machine to train.")
+        if self.public:
+            return ("Training is off because the app was started with --public: anyone could "
+                    "start processes. Restart without --public to train.")
+        return ""
+
+
+def on_space() -> bool:
+    """True on a Hugging Face Space."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def gpu(fn=None, duration: int = 120):
+    """``spaces.GPU(duration=...)`` on ZeroGPU Spaces; a no-op where ``spaces`` is absent."""
+    def wrap(f):
+        try:
+            import spaces  # type: ignore[import-not-found]
+        except ImportError:
+            return f
+        return spaces.GPU(duration=duration)(f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+# ------------------------------------------------------------------ file lists
+def model_choices(settings: AppSettings) -> list[str]:
+    """Models the user has: digits, the configured one, and pipeline folders under models_dir."""
+    found = ["digits"]
+    if settings.model not in found:
+        found.append(settings.model)
+    if settings.models_dir.is_dir():
+        for p in sorted(settings.models_dir.iterdir()):
+            if (p / "model_index.json").is_file() and str(p) not in found:
+                found.append(str(p))
+    return found + [m for m in settings.extra_models if m not in found]
+
+
+def lora_files(folder: Path) -> list[Path]:
+    """LoRA ``.safetensors`` files under ``folder`` (recursive, sorted); [] if it is absent."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
+
+
+def data_choices(settings: AppSettings) -> list[str]:
+    """Training data sources: 'digits' plus folders with metadata.jsonl under data_dir."""
+    found = ["digits"]
+    if settings.data_dir.is_dir():
+        found += [str(p) for p in sorted(settings.data_dir.iterdir())
+                  if (p / "metadata.jsonl").is_file()]
+    return found
+
+
+def official_method(path: Path) -> tuple[str, int | None]:
+    """The recipe an official LoRA file uses, from its name, and its fixed step count.
+
+    Hyper-SD N-step -> ('hypersd', N); Hyper-SD 1-step -> ('hypersd-unified', None)
+    (unified: 1-8 steps); LCM -> ('lcm', None); TCD -> ('tcd', None).
+    """
+    name = path.name.lower()
+    if "lcm" in name:
+        return "lcm", None
+    if "tcd" in name:
+        return "tcd", None
+    match = re.search(r"(\d+)\s*-?steps?", name)
+    if "hyper" in name and match:
+        n = int(match.group(1))
+        return ("hypersd-unified", None) if n == 1 else ("hypersd", n)
+    return "hypersd-unified", None
+
+
+# ------------------------------------------------------------------- generation
+@dataclass
+class Cell:
+    """One generated image of a grid, or the reason it is missing."""
+
+    method: str
+    steps: int
+    prompt: str
+    seed: int
+    image: Image.Image | None = None
+    seconds: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    label: str = ""
+
+    @property
+    def caption(self) -> str:
+        name = self.label or self.method
+        if self.error:
+            return f"{name} · {self.steps} steps · {self.error}"
+        scores = " ".join(f"{k.removeprefix('digits-')} {v:.2f}" for k, v in self.scores.items())
+        return f"{name} · {self.steps} steps · {self.seconds:.2f} s" + (f" · {scores}" if scores else "")
+
+
+def clean_image(image: Image.Image) -> Image.Image:
+    """A copy with no metadata (blind votes must not leak anything through PNG chunks)."""
+    out = Image.new(image.mode, image.size)
+    out.paste(image)
+    return out
+
+
+class ModelService:
+    """One base model in memory (loaded on first use), used by one call at a time."""
+
+    def __init__(self, model: str, device: str | None = None):
+        self.model = model
+        self.device = device or ("cuda" if _cuda() else "cpu")
+        self._sampler = None
+        self._lock = threading.RLock()
+        self._rewards: dict[str, object] = {}
+        self.load_seconds = 0.0
+
+    @property
+    def sampler(self):
+        """The Sampler, loading the model on first use (ModelNotFoundError if it is missing)."""
+        with self._lock:
+            if self._sampler is None:
+                from hypersd_core.models.backbone import load_backbone
+                from hypersd_core.models.sampling import Sampler
+
+                t0 = time.perf_counter()
+                self._sampler = Sampler(load_backbone(self.model, device=self.device))
+                self.load_seconds = time.perf_counter() - t0
+            return self._sampler
+
+    def method_available(self, method: str, steps: int) -> bool:
+        """True when the method's adapter exists for this model (or it needs none)."""
+        name = default_adapter_name(method, steps)
+        if name is None or method == "hypersd-unet":
+            return True
+        sampler = self.sampler
+        return name in sampler.backbone.adapter_dirs or name in sampler.adapters.loaded
+
+    def generate(self, method: str, steps: int, prompts: list[str], seeds: list[int],
+                 adapter: str | None = None, label: str = "") -> list[Cell]:
+        """One cell per prompt; a missing adapter or a failed call fills ``error``."""
+        cells = [Cell(method, steps, p, s, label=label) for p, s in zip(prompts, seeds)]
+        try:
+            with self._lock:
+                gen = self.sampler.generate(method, steps, prompts, seeds, adapter=adapter)
+        except Exception as err:  # one failed cell must not break a grid
+            msg = str(err).strip("'\"") or type(err).__name__
+            if "needs the adapter" in msg:
+                msg = f"not available: adapter {default_adapter_name(method, steps)!r} missing"
+            for c in cells:
+                c.error = msg
+            return cells
+        for c, image, sec in zip(cells, gen.images, gen.seconds_per_image):
+            c.image, c.seconds = clean_image(image), sec
+        return cells
+
+    # ---- rewards
+    def reward(self, name: str):
+        """A loaded reward (cached); raises with the reward's own message when unavailable."""
+        with self._lock:
+            if name not in self._rewards:
+                from hypersd_core.rewards import load_reward
+
+                self._rewards[name] = load_reward(name, device=self.device)
+            return self._rewards[name]
+
+    def score(self, images: list[Image.Image], prompts: list[str],
+              names: list[str]) -> tuple[dict[str, list[float]], dict[str, str]]:
+        """Scores per reward name, and the reason for each reward that could not score."""
+        import torch
+
+        scores: dict[str, list[float]] = {}
+        errors: dict[str, str] = {}
+        for name in names:
+            if name in NEEDS_TARGETS:
+                errors[name] = "needs ground-truth masks (used in training, not for new images)"
+                continue
+            try:
+                with self._lock, torch.no_grad():
+                    values = self.reward(name).score(images, prompts)
+                scores[name] = [float(v) for v in values.detach().cpu()]
+            except Exception as err:  # a reward's failure must not break the page
+                errors[name] = f"{type(err).__name__}: {err}"
+        return scores, errors
+
+    def score_cells(self, cells: list[Cell], names: list[str]) -> dict[str, str]:
+        """Fill ``cell.scores`` for cells with images; return the rewards' errors."""
+        ok = [c for c in cells if c.image is not None]
+        if not ok or not names:
+            return {}
+        scores, errors = self.score([c.image for c in ok], [c.prompt for c in ok], names)
+        for name, values in scores.items():
+            for c, v in zip(ok, values):
+                c.scores[name] = v
+        return errors
+
+
+def default_adapter_name(method: str, steps: int) -> str | None:
+    from hypersd_core.models.sampling import default_adapter
+
+    return default_adapter(method, steps)
+
+
+def reward_choices() -> list[str]:
+    """Rewards the app offers for scoring generated images ([] if the module is missing)."""
+    try:
+        from hypersd_core.rewards import available_rewards
+    except ImportError:
+        return []
+    return [r for r in available_rewards() if r not in NEEDS_TARGETS]
+
+
+def default_rewards(model_kind: str = "digits") -> list[str]:
+    """The rewards scored by default (the digits world's own, cheap ones)."""
+    offered = reward_choices()
+    return [r for r in SCORED_REWARDS if r in offered] if model_kind == "digits" else []
+
+
+def compare_grid(service: ModelService, prompts: list[str], seeds: list[int],
+                 methods: list[tuple[str, str | None, str]], steps: tuple[int, ...] = COMPARE_STEPS,
+                 rewards: list[str] | None = None, teacher_reference: bool = True,
+                 ) -> tuple[list[Cell], dict[str, str], float]:
+    """Every (method, steps) cell for the prompts, plus the teacher at 25 steps.
+
+    Args:
+        methods: (recipe name, adapter file or None, row label) per row.
+    Returns:
+        cells (reference first, then row by row), reward errors, total seconds.
+    """
+    t0 = time.perf_counter()
+    cells: list[Cell] = []
+    if teacher_reference:
+        cells += service.generate("teacher", TEACHER_REFERENCE_STEPS, prompts, seeds,
+                                  label="teacher (reference)")
+    for method, adapter, label in methods:
+        for n in steps:
+            cells += service.generate(method, n, prompts, seeds, adapter=adapter, label=label)
+    errors = service.score_cells(cells, rewards or [])
+    return cells, errors, time.perf_counter() - t0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False

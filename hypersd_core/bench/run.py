@@ -1,0 +1,208 @@
+"""``python -m hypersd_core bench``: speed, memory and scaling of sampling and training.
+
+One process, one run, one JSON (+ Markdown + a scaling PNG):
+
+* sampling latency per method x steps (1/2/4/8; teacher 25 steps with CFG), images/s at
+  batch 1 and 16, speed-up over the teacher's 25 steps;
+* ``generate`` against a stock diffusers pipeline call (same weights, scheduler, steps,
+  seed; the two interleaved in one loop so machine load hits both alike);
+* adapter switch latency and its share of a 1-step generation;
+* training: one step of each stage type over one plain student forward+backward on the
+  same batch (``bench_train``);
+* scaling with batch size.
+
+Every figure is the median of several repeats after a warm-up. Models without shipped
+adapters get random LoRAs of the same rank (timing does not depend on their values).
+``--gpu`` runs the full-size SD1.5/SDXL GPU check instead (``bench_gpu``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hypersd_core.bench.measure import (  # noqa: F401  (re-exported for callers)
+    PLANS,
+    BenchPlan,
+    PeakMemory,
+    _adapter_arg,
+    bench_prompts,
+    machine_header,
+    measure,
+    prepare_adapters,
+    random_adapter,
+    rss_mb,
+    summarise,
+    time_call,
+    training_processes,
+)
+from hypersd_core.paths import ROOT
+
+# ------------------------------------------------------------------ the run
+
+def run_bench(model: str = "digits", plan: BenchPlan | None = None, device: str = "cpu",
+              out: str | Path = "assets/results/bench.json", log=print) -> dict:
+    """Run every CPU/GPU benchmark on ``model`` and write JSON, Markdown and a PNG.
+
+    Args:
+        model: "digits" or a diffusers pipeline folder.
+        plan: what to measure (default: ``PLANS["full"]``).
+        device: "cpu" or "cuda".
+        out: the JSON path; .md and .png are written beside it.
+    Returns:
+        The result dict (as written to ``out``).
+    """
+    from hypersd_core.bench.report import write_outputs
+    from hypersd_core.bench.sampling import (
+        bench_overhead,
+        bench_sampling,
+        bench_sampling_scaling,
+        bench_switch,
+    )
+    from hypersd_core.bench.training import bench_training, bench_training_scaling
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.models.sampling import Sampler
+
+    plan = (plan or PLANS["full"]).validate()
+    dev = torch.device(device)
+    t_start = time.perf_counter()
+    result: dict = {"header": machine_header(dev), "model": model, "plan": dataclasses.asdict(plan)}
+    if result["header"]["concurrent_training"]:
+        log("warning: training jobs are running; figures will be noisy")
+    backbone = load_backbone(model, device=device)
+    result["kind"] = backbone.kind
+    prompts = bench_prompts(backbone.kind, max(plan.big_batch, max(plan.sample_batches)))
+    with tempfile.TemporaryDirectory(prefix="hypersd-bench-") as scratch:
+        adapters = prepare_adapters(backbone, plan, Path(scratch))
+        result["adapters"] = {k: v["source"] for k, v in adapters.items()}
+        sampler = Sampler(backbone)
+        log("sampling latency")
+        result["sampling"] = bench_sampling(sampler, plan, adapters, prompts, dev, log)
+        one = [r for r in result["sampling"] if r["method"] == "hypersd" and r["steps"] == 1]
+        one_step_s = (one or result["sampling"][1:2] or result["sampling"])[0]["b1"]["median_s"]
+        log("generate vs stock diffusers")
+        result["overhead"] = bench_overhead(backbone, sampler, plan, adapters, prompts[0], dev, log)
+        log("adapter switch")
+        result["switch"] = bench_switch(sampler, plan, adapters, one_step_s, log)
+        log("sampling scaling")
+        result["scaling_sampling"] = bench_sampling_scaling(sampler, plan, adapters, prompts,
+                                                            dev, log)
+    del sampler, backbone
+    log("training steps")
+    result["training"] = bench_training(model, plan, device, log)
+    log("training scaling")
+    result["scaling_training"] = bench_training_scaling(model, plan, device, log)
+    result["seconds"] = time.perf_counter() - t_start
+    result["summary"] = summary(result)
+    paths = write_outputs(result, out)
+    log(paths["markdown_text"])
+    log(f"wrote {', '.join(str(p) for k, p in paths.items() if k != 'markdown_text')} "
+        f"in {result['seconds']:.0f} s")
+    return result
+
+
+def summary(result: dict) -> dict:
+    """The headline figures and their targets."""
+    out: dict = {}
+    samp = {(r["method"], r["steps"]): r for r in result.get("sampling", [])}
+    if ("hypersd", 1) in samp:
+        out["hypersd1_speedup_vs_teacher"] = samp[("hypersd", 1)]["b1"]["speedup_vs_teacher"]
+    over = result.get("overhead") or []
+    if over:
+        out["generate_vs_stock_ratio"] = max(r["ratio"] for r in over)
+        out["generate_vs_stock_ok"] = out["generate_vs_stock_ratio"] <= 1.05
+    sw = result.get("switch", {})
+    if "share_of_one_step" in sw:
+        out["switch_ms"] = 1000 * sw["switch"]["median_s"]
+        out["switch_share_of_one_step"] = sw["share_of_one_step"]
+        out["switch_ok"] = sw["share_of_one_step"] < 0.05
+    train = {r["stage"]: r for r in result.get("training", []) if "ratio" in r}
+    if "tscd" in train:
+        out["tscd_step_ratio"] = train["tscd"]["ratio"]
+        out["tscd_step_ratio_ok"] = train["tscd"]["ratio"] <= 2.5
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="digits", help="'digits' or a diffusers pipeline folder")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (about a minute)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default assets/results/bench.json; --gpu: assets/results/bench_gpu.json)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--steps", help="comma list of step counts (default 1,2,4,8)")
+    p.add_argument("--methods", help="comma list of few-step methods")
+    p.add_argument("--teacher-steps", type=int, help="teacher steps (default 25)")
+    p.add_argument("--repeats", type=int, help="timed repeats per figure")
+    p.add_argument("--big-batch", type=int, help="the second sampling batch size (default 16)")
+    p.add_argument("--train-batch", type=int, help="training batch size (default 32)")
+    p.add_argument("--stages", help="comma list of training stage types")
+    p.add_argument("--batches", help="comma list of batch sizes for the scaling tables")
+    p.add_argument("--update-readme", action="store_true",
+                   help="replace README.md's '## Performance' section with the result")
+    p.add_argument("--gpu", action="store_true",
+                   help="full-size SDXL/SD1.5 GPU check with random weights (bench_gpu)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --gpu: the same code at tiny sizes on the CPU")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="with --gpu")
+
+
+def plan_from_args(args) -> BenchPlan:
+    """The quick/full plan with command-line overrides."""
+    plan = PLANS["quick" if args.quick else "full"]
+    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
+    words = lambda s: tuple(v.strip() for v in s.split(",") if v.strip())  # noqa: E731
+    changes: dict = {}
+    if args.steps:
+        changes["steps"] = ints(args.steps)
+    if args.methods:
+        changes["methods"] = words(args.methods)
+    if args.stages:
+        changes["stages"] = words(args.stages)
+    if args.batches:
+        changes["sample_batches"] = changes["train_batches"] = ints(args.batches)
+    for key in ("teacher_steps", "repeats", "big_batch", "train_batch"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    if args.repeats is not None:
+        changes["train_repeats"] = args.repeats
+    if args.teacher_steps is not None:
+        changes["overhead_cases"] = tuple((m, args.teacher_steps if m == "teacher" else s)
+                                          for m, s in plan.overhead_cases)
+    if "steps" in changes:
+        changes["overhead_cases"] = tuple(
+            (m, s) for m, s in changes.get("overhead_cases", plan.overhead_cases)
+            if m == "teacher" or s in changes["steps"]) or (("hypersd", changes["steps"][0]),)
+    return dataclasses.replace(plan, **changes).validate()
+
+
+def main_bench(args) -> int:
+    """Entry point of the ``bench`` command."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.gpu:
+        from hypersd_core.bench.gpu import run_gpu_check
+
+        run_gpu_check(out=args.out or "assets/results/bench_gpu.json", dry_run=args.dry_run,
+                      dtype=args.dtype, device=None if args.dry_run else args.device)
+        return 0
+    if args.dry_run:
+        raise ValueError("--dry-run goes with --gpu (the CPU bench has --quick)")
+    from hypersd_core.models.sampling import RECIPES
+
+    plan = plan_from_args(args)
+    unknown = [m for m in plan.methods if m not in RECIPES or m == "teacher"]
+    if unknown:
+        raise ValueError(f"unknown few-step methods {unknown}; choose from "
+                         f"{', '.join(m for m in RECIPES if m != 'teacher')}")
+    result = run_bench(args.model, plan, device, args.out or "assets/results/bench.json")
+    if args.update_readme:
+        from hypersd_core.bench.report import readme_section, update_readme
+
+        gpu_file = Path(args.out or "assets/results/bench.json").parent / "bench_gpu.json"
+        gpu = json.loads(gpu_file.read_text()) if gpu_file.is_file() else None
+        print(f"updated {update_readme(ROOT / 'README.md', readme_section(result, gpu))}")
+    return 0

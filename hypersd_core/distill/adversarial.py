@@ -1,0 +1,129 @@
+"""The adversarial term of TSCD: a discriminator made of the frozen teacher UNet's
+encoder features (read by forward hooks, not a copied forward) and small trainable
+heads, in latent space at noisy timesteps (SDXL-Lightning / PCM style), hinge loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hypersd_core.distill import schedule as S
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss relu(1 - D(real)) + relu(1 + D(fake)). [B]"""
+    return F.relu(1 - real_logits) + F.relu(1 + fake_logits)
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator hinge loss -D(fake). [B]"""
+    return -fake_logits
+
+
+def renoise_time(edge: torch.Tensor, k: int, num_train_timesteps: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """t' uniform in [edge, edge + T/k) (clean edges start at 0), below T."""
+    span = num_train_timesteps // k
+    lo = edge.clamp(min=0)
+    u = torch.rand(edge.shape, generator=generator).to(edge.device)
+    return (lo + torch.floor(u * span).long()).clamp(max=num_train_timesteps - 1)
+
+
+class _Stop(Exception):
+    pass
+
+
+class TeacherFeatureDiscriminator(torch.nn.Module):
+    """Heads on the teacher UNet's down-block and mid-block features.
+
+    The UNet's forward stops after the mid block (a hook raises), so the decoder is
+    never run. Only the heads are trainable; gradients still reach the input latents.
+    """
+
+    def __init__(self, unet, hidden: int = 64):
+        super().__init__()
+        self.unet = [unet]  # not a submodule: its weights are the teacher's, frozen
+        blocks = [*unet.down_blocks, unet.mid_block]
+        channels = [blk.resnets[-1].out_channels for blk in blocks]
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Sequential(
+                torch.nn.Conv2d(c, hidden, 3, padding=1),
+                torch.nn.GroupNorm(min(32, hidden // 4), hidden), torch.nn.SiLU(),
+                torch.nn.Conv2d(hidden, 1, 1))
+            for c in channels)
+        self._features: list[torch.Tensor] = []
+        self._blocks = blocks
+
+    def _hook(self, last: bool):
+        def hook(module, args, output):
+            self._features.append(output[0] if isinstance(output, tuple) else output)
+            if last:
+                raise _Stop
+        return hook
+
+    def logits(self, x: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
+        """D(x_t, t, c): mean of the heads' spatially averaged outputs. [B]"""
+        from hypersd_core.models.lora import adapters_disabled
+
+        unet = self.unet[0]
+        self._features = []
+        handles = [blk.register_forward_hook(self._hook(i == len(self._blocks) - 1))
+                   for i, blk in enumerate(self._blocks)]
+        try:
+            with adapters_disabled(unet):
+                unet(x, t, **embeds.unet_kwargs())
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        feats = self._features
+        self._features = []
+        return torch.stack([head(f.float()).mean((1, 2, 3))
+                            for head, f in zip(self.heads, feats)]).mean(0)
+
+
+class AdversarialTerm:
+    """Generator-side hinge loss and the discriminator's own update (its own optimiser)."""
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, num_train_timesteps: int,
+                 lr: float = 1e-5, hidden: int = 64):
+        self.disc = TeacherFeatureDiscriminator(unet, hidden).to(unet.device)
+        self.optimizer = torch.optim.AdamW(self.disc.heads.parameters(), lr=lr,
+                                           betas=(0.0, 0.999), weight_decay=0.0)
+        self.ac = alphas_cumprod
+        self.T = num_train_timesteps
+        self._pending: tuple | None = None
+
+    def generator_loss(self, fake_edge, real_edge, edge, k, embeds, generator):
+        """Re-noise real and fake from the segment edge to t', score the fake. ([B], logs)"""
+        t = renoise_time(edge, k, self.T, generator)
+        noise = torch.randn(fake_edge.shape, generator=generator).to(fake_edge.device)
+        a_edge, a_t = S.alpha_bar(self.ac, edge), S.alpha_bar(self.ac, t)
+        fake_t = S.renoise(fake_edge, noise, a_edge, a_t)
+        real_t = S.renoise(real_edge.detach(), noise, a_edge, a_t)
+        self._pending = (real_t.detach(), fake_t.detach(), t, embeds)
+        g = hinge_g_loss(self.disc.logits(fake_t, t, embeds))
+        return g, {"loss_adv_g": g.mean().item()}
+
+    def discriminator_step(self) -> dict[str, float]:
+        """One hinge-loss step of the heads on the last batch's real and fake samples."""
+        if self._pending is None:
+            return {}
+        real_t, fake_t, t, embeds = self._pending
+        self._pending = None
+        self.optimizer.zero_grad(set_to_none=True)
+        d = hinge_d_loss(self.disc.logits(real_t, t, embeds),
+                         self.disc.logits(fake_t, t, embeds)).mean()
+        d.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss_adv_d": d.item()}
+
+    def state_dict(self) -> dict:
+        return {"heads": self.disc.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.disc.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,192 @@
+"""Inference recipes: one table of methods, and ``generate``.
+
+Each recipe is what its authors ship (REFERENCE section 1): the scheduler, its
+arguments, whether CFG is used and which adapter goes with it. ``generate`` runs the
+stock diffusers pipeline with that recipe, so its output equals a stock pipeline
+call with the same weights, scheduler and seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from hypersd_core.models.adapters import AdapterSet
+from hypersd_core.models.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    scheduler: str  # diffusers scheduler class name
+    scheduler_kwargs: dict = field(default_factory=dict)
+    cfg: bool = False
+    eta: float | None = None  # passed explicitly: pipelines override the scheduler default
+    timesteps: tuple[int, ...] | None = None
+    adapter: str | None = None  # default adapter name; "{k}" is filled with the steps
+    default_steps: int = 4
+    description: str = ""
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("teacher", "DDIMScheduler", cfg=True, default_steps=25,
+           description="base model, DDIM, classifier-free guidance"),
+    Recipe("lcm", "LCMScheduler", adapter="lcm",
+           description="LCM LoRA, LCMScheduler, no CFG"),
+    Recipe("tcd", "TCDScheduler", eta=0.3, adapter="tcd",
+           description="TCD LoRA, TCDScheduler eta 0.3, no CFG"),
+    Recipe("hypersd", "DDIMScheduler", {"timestep_spacing": "trailing"},
+           adapter="hypersd-k{k}",
+           description="Hyper-SD N-step LoRA (TSCD stage k=N), DDIM trailing, no CFG"),
+    Recipe("hypersd-unified", "TCDScheduler", eta=1.0, adapter="hypersd-unified",
+           description="Hyper-SD unified 1-step LoRA, TCDScheduler eta=1.0, 1-8 steps"),
+    Recipe("hypersd-unet", "LCMScheduler", timesteps=(800,), default_steps=1,
+           adapter="hypersd-unet",
+           description="Hyper-SD one-step UNet, LCMScheduler timesteps=[800]"),
+]}
+TSCD_STAGES = (8, 4, 2, 1)
+
+
+def get_recipe(method: str) -> Recipe:
+    if method not in RECIPES:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[method]
+
+
+def make_scheduler(backbone: Backbone, method: str):
+    """The recipe's scheduler built from the base model's scheduler config."""
+    import diffusers
+
+    recipe = get_recipe(method)
+    cls = getattr(diffusers, recipe.scheduler)
+    return cls.from_config(backbone.pipe.scheduler.config, **recipe.scheduler_kwargs)
+
+
+def default_adapter(method: str, steps: int) -> str | None:
+    """The adapter a method uses by default: Hyper-SD N-step uses TSCD stage k = N
+    (the smallest trained k >= N, so 3 steps uses k=4)."""
+    recipe = get_recipe(method)
+    if recipe.adapter is None:
+        return None
+    if "{k}" in recipe.adapter:
+        k = min((k for k in TSCD_STAGES if k >= steps), default=max(TSCD_STAGES))
+        return recipe.adapter.format(k=k)
+    return recipe.adapter
+
+
+@dataclass
+class Generation:
+    images: list[Image.Image]
+    seconds_per_image: list[float]
+    method: str
+    steps: int
+    adapter: str | None
+    switch_seconds: float = 0.0
+
+
+class Sampler:
+    """One base model in memory; methods switch schedulers and adapters without reloading."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.adapters = AdapterSet(backbone.pipe)
+        self._schedulers: dict[str, object] = {}
+        self.base_scheduler = backbone.pipe.scheduler
+
+    def scheduler(self, method: str):
+        if method not in self._schedulers:
+            self._schedulers[method] = make_scheduler(self.backbone, method)
+        return self._schedulers[method]
+
+    def resolve_adapter(self, method: str, steps: int, adapter: str | None) -> str | None:
+        """Load the adapter a call needs (a name known to the backbone or a file path)."""
+        if adapter is None:
+            adapter = default_adapter(method, steps)
+            if adapter is None:
+                return None
+            if adapter not in self.backbone.adapter_dirs and adapter not in self.adapters.loaded:
+                if method == "hypersd-unet":
+                    return None  # the one-step UNet is a full model: base weights if absent
+                raise FileNotFoundError(
+                    f"method {method!r} needs the adapter {adapter!r}, which this model "
+                    f"({self.backbone.source}) does not have; train it or pass --lora FILE")
+        if adapter in self.adapters.loaded:
+            return adapter
+        if adapter in self.backbone.adapter_dirs:
+            self.adapters.load(adapter, self.backbone.adapter_dirs[adapter])
+            return adapter
+        from pathlib import Path
+
+        path = Path(adapter)
+        name = path.stem if path.suffix else path.name
+        self.adapters.load(name, path)
+        return name
+
+    @torch.no_grad()
+    def generate(self, method: str, steps: int, prompts: list[str], seeds: list[int],
+                 adapter: str | None = None, guidance: float | None = None,
+                 eta: float | None = None, batch_size: int | None = None) -> Generation:
+        """Images for prompts[i] with torch.Generator().manual_seed(seeds[i]).
+
+        Args:
+            method: a key of RECIPES.
+            steps: number of sampling steps (>= 1; "hypersd-unet" uses its timesteps).
+            prompts, seeds: one seed per prompt (same length).
+            adapter: adapter name or LoRA file; default: the method's own.
+            guidance: CFG scale (default: the model's for the teacher, 0 otherwise).
+            eta: stochasticity of TCD (default: the recipe's).
+            batch_size: images per pipeline call (default: all at once).
+        Returns:
+            Generation with PIL images and seconds per image (batch time / batch size).
+        """
+        recipe = get_recipe(method)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            raise ValueError("no prompts given")
+        name = self.resolve_adapter(method, steps, adapter)
+        switch = self.adapters.use(name)
+        pipe = self.backbone.pipe
+        pipe.scheduler = self.scheduler(method)
+        if guidance is None:
+            guidance = self.backbone.guidance_scale if recipe.cfg else 0.0
+        kwargs: dict = {"guidance_scale": guidance, "output_type": "pil"}
+        if recipe.timesteps is not None:
+            kwargs["timesteps"] = list(recipe.timesteps)
+        else:
+            kwargs["num_inference_steps"] = steps
+        eta = recipe.eta if eta is None else eta
+        if eta is not None:
+            kwargs["eta"] = eta
+        batch_size = batch_size or len(prompts)
+        images: list[Image.Image] = []
+        seconds: list[float] = []
+        try:
+            for i in range(0, len(prompts), batch_size):
+                chunk = prompts[i:i + batch_size]
+                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+                t0 = time.perf_counter()
+                out = pipe(prompt=chunk, generator=gens, **kwargs)
+                dt = time.perf_counter() - t0
+                images += out.images
+                seconds += [dt / len(chunk)] * len(chunk)
+        finally:
+            pipe.scheduler = self.base_scheduler
+        return Generation(images, seconds, method, steps, name, switch)
+
+
+def generate(backbone: Backbone, method: str, steps: int, prompts: list[str],
+             seeds: list[int], adapter: str | None = None, guidance: float | None = None,
+             eta: float | None = None) -> Generation:
+    """One-shot ``Sampler(backbone).generate(...)`` (keeps a Sampler on the backbone)."""
+    sampler = getattr(backbone, "_sampler", None)
+    if sampler is None:
+        sampler = Sampler(backbone)
+        backbone._sampler = sampler
+    return sampler.generate(method, steps, prompts, seeds, adapter=adapter,
+                            guidance=guidance, eta=eta)

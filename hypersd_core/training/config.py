@@ -1,0 +1,253 @@
+"""Stage configuration: one typed dataclass, YAML presets merged with ``key=value``
+overrides, validated with clear messages before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hypersd_core.paths import PRESETS
+
+STAGES = ("tscd", "lcm", "tcd", "feedback", "dmd")
+PERCEPTUAL_BACKENDS = ("digits", "maskrcnn", "solo")
+TSCD_CHAIN = (8, 4, 2, 1)
+
+
+@dataclass
+class StageConfig:
+    """Every setting of a training stage; the paper leaves most of these open."""
+
+    stage: str = "tscd"
+    model: str = "digits"
+    name: str = ""  # adapter name when exported (e.g. hypersd-k4)
+    init_adapter: str = ""  # LoRA the student starts from (previous stage's final/)
+    data: str = "digits"  # "digits" or a folder of images + metadata.jsonl captions
+    # TSCD / consistency
+    k: int = 8
+    num_solver_steps: int = 40
+    t_end: str = "uniform"  # "uniform" (Algorithm 1) or "edge"
+    w_min: float = 2.0
+    w_max: float = 4.0
+    distance: str = "mse"  # "mse" or "huber"
+    huber_c: float = 0.001
+    offset_noise: float = 0.0
+    target: str = "online"  # "online" (no_grad student) or "ema"
+    ema_decay: float = 0.95
+    adv_weight: float = 0.0
+    adv_lr: float = 1e-5
+    adv_hidden: int = 64
+    # LoRA and optimisation
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 500
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" (GPU)
+    seed: int = 0
+    max_nonfinite: int = 5
+    # feedback (ReFL) and perceptual losses
+    rewards: dict[str, float] = field(default_factory=dict)  # reward name -> weight
+    reward_alpha: float = 1.0
+    reward_alphas: dict[str, float] = field(default_factory=dict)  # per-reward alpha (overrides)
+    perceptual_weight: float = 0.0
+    perceptual_backend: str = "digits"
+    feedback_steps_range: tuple[int, int] = (1, 1)  # ReFL: sampling steps N ~ U{lo..hi}; grad on the last
+    perceptual_t_range: tuple[int, int] = (250, 750)  # real images are noised to t in this range
+    merge_scale: float = 1.0
+    # DMD
+    dmd_weight: float = 1.0
+    dmd_real_guidance: float = 4.0
+    fake_lr: float = 1e-4
+    critic_steps: int = 5  # fake-score updates per generator update
+    mse_weight: float = 0.0
+    one_step_t: int = 999
+    fake_rank: int = 16  # LoRA rank of the fake score (its alpha = rank)
+    multistep_prob: float = 0.0  # share of generator samples started at a later TCD timestep
+    multistep_max: int = 8  # ... drawn from the TCD timesteps of 2..multistep_max steps
+    # bookkeeping
+    log_every: int = 10
+    sample_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    reward_every: int = 0  # score the fixed samples with the rewards every N steps (0: off)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a red handwritten digit 7", "a green handwritten digit 3",
+        "a blue handwritten digit 0", "a yellow handwritten digit 5"])
+    sample_steps: int = 0  # 0: the stage's own (k for TSCD, 4 for LCM/TCD, 1 for DMD)
+
+    def validate(self) -> StageConfig:
+        """Raise ValueError naming every bad field; return self."""
+        errors = []
+
+        def need(cond: bool, msg: str):
+            if not cond:
+                errors.append(msg)
+
+        need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.w_min <= self.w_max, f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
+        need(self.w_min >= 0, f"w_min must be >= 0, got {self.w_min}")
+        need(self.t_end in ("uniform", "edge"), f"t_end must be 'uniform' or 'edge', got {self.t_end!r}")
+        need(self.distance in ("mse", "huber"), f"distance must be 'mse' or 'huber', got {self.distance!r}")
+        need(self.target in ("online", "ema"), f"target must be 'online' or 'ema', got {self.target!r}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.adv_weight >= 0, f"adv_weight must be >= 0, got {self.adv_weight}")
+        need(self.mixed_precision in ("no", "fp16", "bf16"),
+             f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        need(self.num_solver_steps >= 1 and 1000 % self.num_solver_steps == 0,
+             f"num_solver_steps must divide T=1000, got {self.num_solver_steps}")
+        if self.stage == "tscd":
+            need(self.k in TSCD_CHAIN, f"k must be one of the TSCD chain {TSCD_CHAIN}, got {self.k}")
+            if self.k in TSCD_CHAIN and self.num_solver_steps >= 1:
+                spacing = 1000 // self.num_solver_steps if 1000 % self.num_solver_steps == 0 else 0
+                need(spacing > 0 and 125 % spacing == 0,
+                     f"num_solver_steps={self.num_solver_steps} does not divide the segments: "
+                     "its spacing T/N must divide T/8 = 125 so every edge is on the grid "
+                     "(e.g. N=40 or N=8)")
+        need(all(v >= 0 for v in self.rewards.values()), "reward weights must be >= 0")
+        from hypersd_core.rewards.base import available_rewards
+
+        known = [n for n in available_rewards() if not n.endswith("perception")]
+        for name in self.rewards:
+            need(name in known, f"unknown reward {name!r} in rewards; known: {', '.join(known)}"
+                 + (" (perception losses go through perceptual_weight)"
+                    if name.endswith("perception") else ""))
+        unused = sorted(set(self.reward_alphas) - set(self.rewards))
+        need(not unused, f"reward_alphas names rewards not in rewards: {unused}")
+        need(self.perceptual_weight >= 0, f"perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        need(self.perceptual_backend in PERCEPTUAL_BACKENDS,
+             f"perceptual_backend must be one of {PERCEPTUAL_BACKENDS}, got {self.perceptual_backend!r}")
+        for key in ("feedback_steps_range", "perceptual_t_range"):
+            lo_hi = getattr(self, key)
+            need(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1],
+                 f"{key} must be [lo, hi] with 0 <= lo <= hi, got {list(lo_hi)}")
+        need(len(self.feedback_steps_range) != 2 or self.feedback_steps_range[0] >= 1,
+             f"feedback_steps_range must start at >= 1 step, got {list(self.feedback_steps_range)}")
+        need(len(self.perceptual_t_range) != 2 or self.perceptual_t_range[1] < 1000,
+             f"perceptual_t_range must lie in [0, 1000), got {list(self.perceptual_t_range)}")
+        need(self.stage != "feedback" or any(w > 0 for w in self.rewards.values())
+             or self.perceptual_weight > 0,
+             "the feedback stage needs rewards with a weight > 0 (e.g. {digits-quality: 1.0}) "
+             "or perceptual_weight > 0")
+        need(self.fake_rank >= 1, f"fake_rank must be >= 1, got {self.fake_rank}")
+        need(self.fake_lr > 0, f"fake_lr must be > 0, got {self.fake_lr}")
+        need(self.dmd_weight >= 0 and self.mse_weight >= 0,
+             f"dmd_weight and mse_weight must be >= 0, got {self.dmd_weight}, {self.mse_weight}")
+        need(self.dmd_real_guidance >= 1, f"dmd_real_guidance must be >= 1 (CFG scale), got "
+             f"{self.dmd_real_guidance}")
+        need(0 <= self.multistep_prob <= 1, f"multistep_prob must be in [0, 1], got {self.multistep_prob}")
+        need(self.multistep_max >= 2, f"multistep_max must be >= 2, got {self.multistep_max}")
+        need(self.merge_scale >= 0, f"merge_scale must be >= 0, got {self.merge_scale}")
+        need(self.critic_steps >= 1, f"critic_steps must be >= 1, got {self.critic_steps}")
+        need(0 < self.one_step_t < 1000, f"one_step_t must be in (0, 1000), got {self.one_step_t}")
+        for key in ("log_every", "sample_every", "checkpoint_every"):
+            need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if errors:
+            raise ValueError("invalid stage config: " + "; ".join(errors))
+        return self
+
+    @property
+    def default_sample_steps(self) -> int:
+        if self.sample_steps:
+            return self.sample_steps
+        return {"tscd": self.k, "dmd": 1, "feedback": 1}.get(self.stage, 4)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(StageConfig)}
+
+
+def _coerce(key: str, value):
+    """Turn a YAML/CLI value into the field's type, with a clear error."""
+    hint = typing.get_type_hints(StageConfig)[key]
+    origin = typing.get_origin(hint)
+    try:
+        if isinstance(value, str) and hint is not str:
+            value = yaml.safe_load(value)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint in (int, float, str):
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            if hint is str and not isinstance(value, str):
+                raise TypeError
+            return hint(value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): float(v) for k, v in value.items()}
+        if origin is list:
+            if not isinstance(value, list):
+                raise TypeError
+            return [str(v) for v in value]
+        if origin is tuple:
+            return tuple(int(v) for v in value)
+    except (TypeError, ValueError, yaml.YAMLError):
+        pass
+    else:
+        return value
+    raise ValueError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def make_config(values: dict) -> StageConfig:
+    """StageConfig from a dict; unknown keys and wrong types are errors."""
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known: {sorted(_FIELDS)}")
+    return StageConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+    return path
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_preset(name: str, overrides: list[str] | dict | None = None) -> StageConfig:
+    """A preset (name in assets/presets or a YAML path) with ``key=value`` overrides."""
+    values = yaml.safe_load(preset_path(name).read_text()) or {}
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            key, value = item.split("=", 1)
+            values[key.strip()] = value
+    return make_config(values)
+
+
+def load_config_file(path: str | Path) -> StageConfig:
+    return make_config(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def save_config(cfg: StageConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
