@@ -1,6 +1,6 @@
 """Screenshots of every tab, driven in headless Chromium (for the README).
 
-    python tests/take_screenshots.py [--out assets/screenshots] [--model digits]
+    python tests/app/take_screenshots.py [--out assets/screenshots] [--model digits]
 
 Starts the app in-process on a free port (runs from HYPERSD_RUNS_DIR, a throwaway vote
 DB), clicks through each tab doing one real action, and saves small palette PNGs.
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cdp import Chromium  # noqa: E402
 
