@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 # the tiny reward builders of the rewards tests, through the same loading code
-from test_rewards import TINY_CLIP, tiny_imagereward, tiny_open_clip, tiny_pickscore  # noqa: F401
+from rewards.test_rewards import TINY_CLIP, tiny_imagereward, tiny_open_clip, tiny_pickscore  # noqa: F401
 
 from hypersd_core.cli import main as cli_main
 
