@@ -6,6 +6,7 @@ model, and fuse with a scale.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -81,6 +82,11 @@ def export_kohya(lora_file: str | Path, out_file: str | Path) -> Path:
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(kohya, str(out_file))
+    # safetensors writes through a private temp file (mode 0600): give the export the
+    # mode any new file gets (0666 minus the umask), so other programs can read it
+    umask = os.umask(0)
+    os.umask(umask)
+    out_file.chmod(0o666 & ~umask)
     return out_file
 
 

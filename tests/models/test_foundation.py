@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -168,6 +169,9 @@ def test_kohya_export_round_trip(tiny_sd15, sd15_lora, tmp_path):
     from safetensors.torch import load_file
 
     kohya = L.export_kohya(sd15_lora, tmp_path / "kohya.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert kohya.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any new file, not 0600
     keys = list(load_file(str(kohya)))
     assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
     a = Sampler(load_backbone(str(tiny_sd15))).generate("hypersd", 2, [PROMPT], [0], adapter=str(sd15_lora))
