@@ -65,8 +65,11 @@ def _resolve(model: str) -> tuple[str, Path | None]:
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(
-                f"{model} is a file; pass a diffusers pipeline folder or a hub id")
+                f"{model} is a file but not a .safetensors checkpoint; pass a diffusers "
+                "pipeline folder, an SD1.5 / SDXL single-file .safetensors or a hub id")
         return str(path), path
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        raise ModelNotFoundError(f"no checkpoint file {model}")
     return model, None
 
 
@@ -212,18 +215,26 @@ class Backbone:
 
 def load_backbone(model: str = "digits", kind: str | None = None, device: str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load ``digits``, a local diffusers folder or a hub id as a Backbone.
+    """Load ``digits``, a local diffusers folder, a single-file checkpoint or a hub id.
 
     Args:
-        model: "digits", a pipeline folder, or a hub id.
+        model: "digits", a pipeline folder, an SD1.5 / SDXL ``.safetensors`` single file
+            (A1111 / ComfyUI layout; architecture from assets/configs), or a hub id.
         kind: override the detected kind ("digits", "sd15", "sdxl").
         device, dtype: where the weights live; fp32 on CPU is the default.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from hypersd_core.models.single_file import is_single_file, load_single_file
+
     _quiet_libraries()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if is_single_file(model):
+        kind, pipe = load_single_file(model, kind, dtype=dtype)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return Backbone(kind, str(model), pipe, DEFAULT_GUIDANCE[kind])
     source, folder = _resolve(model)
     if folder is None:
         folder = _download(source)
