@@ -97,13 +97,24 @@ def gpu(fn=None, duration: int = 120):
 
 # ------------------------------------------------------------------ file lists
 def model_choices(settings: AppSettings) -> list[str]:
-    """Models the user has: digits, the configured one, and pipeline folders under models_dir."""
+    """Models the user has: digits, the configured one, and pipeline folders and SD1.5 /
+    SDXL single-file checkpoints (``.safetensors``, kind read from the keys) under models_dir."""
+    from hypersd_core.models.single_file import NotACheckpointError, detect_single_file_kind
+
     found = ["digits"]
     if settings.model not in found:
         found.append(settings.model)
     if settings.models_dir.is_dir():
         for p in sorted(settings.models_dir.iterdir()):
-            if (p / "model_index.json").is_file() and str(p) not in found:
+            if str(p) in found:
+                continue
+            if (p / "model_index.json").is_file():
+                found.append(str(p))
+            elif p.suffix == ".safetensors" and p.is_file():
+                try:  # LoRA files and other weights are not base models
+                    detect_single_file_kind(p)
+                except NotACheckpointError:
+                    continue
                 found.append(str(p))
     return found + [m for m in settings.extra_models if m not in found]
 
@@ -160,10 +171,11 @@ class Cell:
     @property
     def caption(self) -> str:
         name = self.label or self.method
+        steps = f"{self.steps} step" + ("s" if self.steps != 1 else "")
         if self.error:
-            return f"{name} · {self.steps} steps · {self.error}"
+            return f"{name} · {steps} · {self.error}"
         scores = " ".join(f"{k.removeprefix('digits-')} {v:.2f}" for k, v in self.scores.items())
-        return f"{name} · {self.steps} steps · {self.seconds:.2f} s" + (f" · {scores}" if scores else "")
+        return f"{name} · {steps} · {self.seconds:.2f} s" + (f" · {scores}" if scores else "")
 
 
 def clean_image(image: Image.Image) -> Image.Image:

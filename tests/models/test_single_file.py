@@ -246,3 +246,18 @@ def test_training_on_a_single_file_model_saves_and_exports(tiny_files, tmp_path,
     assert (run.final_dir / "pytorch_lora_weights.safetensors").is_file()
     kohya = export_kohya(run.final_dir, tmp_path / "k.safetensors")
     assert any(k.startswith("lora_unet_") for k in load_file(str(kohya)))
+
+
+def test_app_lists_single_file_checkpoints_not_loras(tiny_files, tmp_path):
+    import shutil
+
+    from hypersd_core.app.service import AppSettings, model_choices
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_files["sdxl"][1], models / "my-sdxl.safetensors")
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)},
+              str(models / "some-lora.safetensors"))
+    found = model_choices(AppSettings(models_dir=models))
+    assert str(models / "my-sdxl.safetensors") in found
+    assert str(models / "some-lora.safetensors") not in found
