@@ -25,7 +25,15 @@ class StageConfig:
     model: str = "digits"
     name: str = ""  # adapter name when exported (e.g. hypersd-k4)
     init_adapter: str = ""  # LoRA the student starts from (previous stage's final/)
-    data: str = "digits"  # "digits" or a folder of images + metadata.jsonl captions
+    # "digits", an image folder (metadata.jsonl), a datasets save_to_disk folder, .parquet /
+    # .arrow file or glob, hf:OWNER/NAME, webdataset .tar shards (glob or {000..099}), or a
+    # cache-data folder (cache.json): see training/data.py
+    data: str = "digits"
+    data_image_column: str = "image"  # datasets column; webdataset: the image extension (default jpg/png/webp)
+    data_caption_column: str = "text"  # datasets column; webdataset: .json key (a .txt caption is always read)
+    data_split: str = "train"  # datasets split (hub ids and DatasetDict folders)
+    data_streaming: bool = False  # stream a datasets source instead of loading / memory-mapping it
+    data_shuffle_buffer: int = 1000  # samples held to shuffle a streamed source (datasets, webdataset)
     # TSCD / consistency
     k: int = 8
     num_solver_steps: int = 40
@@ -156,6 +164,9 @@ class StageConfig:
         for key in ("log_every", "sample_every", "checkpoint_every"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.data_shuffle_buffer >= 1, f"data_shuffle_buffer must be >= 1, got {self.data_shuffle_buffer}")
+        need(bool(self.data_image_column and self.data_caption_column and self.data_split),
+             "data_image_column, data_caption_column and data_split must not be empty")
         if errors:
             raise ValueError("invalid stage config: " + "; ".join(errors))
         return self
