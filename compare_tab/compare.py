@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from hypersd_core.app import limits
 from hypersd_core.app.service import (
     COMPARE_METHODS,
     COMPARE_STEPS,
@@ -79,17 +80,20 @@ def method_rows(loras: list[str] | None, settings: AppSettings) -> list[tuple[st
 def run_compare(service: ModelService, settings: AppSettings, prompts_text: str, seed: float,
                 loras: list[str] | None, rewards: list[str] | None):
     """Grid cells for up to MAX_PROMPTS prompts; returns (reference, gallery, table, summary, images)."""
-    prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
+    try:  # bounded before anything is generated (hypersd_core/app/limits.py)
+        prompts = limits.prompt_lines(prompts_text, MAX_PROMPTS)
+        seeds = [limits.check_seed(seed)] * len(prompts)
+    except ValueError as err:
+        raise gr.Error(str(err)) from None
     if not prompts:
         raise gr.Error("enter a prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise gr.Error(f"at most {MAX_PROMPTS} prompts per grid, got {len(prompts)}")
-    seeds = [int(seed or 0)] * len(prompts)
     try:
         cells, reward_errors, seconds = compare_grid(
             service, prompts, seeds, method_rows(loras, settings), COMPARE_STEPS, rewards or [])
     except FileNotFoundError as err:  # the base model itself is missing
         raise gr.Error(str(err)) from None
+    if all(c.image is None for c in cells):  # a failure, not a grid of placeholders
+        raise gr.Error(f"none of the {len(cells)} cells could be generated: {cells[0].error}")
     size = next((c.image.width for c in cells if c.image is not None), 64)
     reference = [c for c in cells if c.label == "teacher (reference)"]
     grid = [c for c in cells if c not in reference]
@@ -126,6 +130,10 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
             raise gr.Error("enter a prompt")
         if method not in RECIPES:
             raise gr.Error(f"unknown method {method!r}; choose from {', '.join(RECIPES)}")
+        try:  # bounded inputs (hypersd_core/app/limits.py)
+            limits.check_prompt(prompt), limits.check_steps(steps), limits.check_seed(seed)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
         cell = service.generate(method, int(steps), [prompt.strip()], [int(seed or 0)])[0]
         if cell.error:
             raise gr.Error(cell.error)

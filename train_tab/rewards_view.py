@@ -7,6 +7,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from hypersd_core.app import limits
 from hypersd_core.app.service import (
     AppSettings,
     ModelService,
@@ -19,7 +20,7 @@ from hypersd_core.models.sampling import RECIPES
 from . import controller as ctl
 from .ui import EMPTY
 
-MAX_UPLOADS = 16
+MAX_UPLOADS = limits.MAX_UPLOADS
 
 
 def score_table(service: ModelService, images: list[Image.Image], prompts: list[str],
@@ -85,23 +86,20 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
 
     @gpu
     def on_score(source_v, rewards_v, method_v, steps_v, seed_v, prompts_v, files):
-        lines = [p.strip() for p in (prompts_v or "").splitlines() if p.strip()]
+        try:  # bounded before anything is decoded or generated (hypersd_core/app/limits.py)
+            lines = limits.prompt_lines(prompts_v)
+            seed0 = limits.check_seed(seed_v, max(1, len(lines)))
+            if source_v == "upload":
+                limits.check_uploads(len(files or []))
+                images = [limits.open_upload(f) for f in files]
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
         if not lines:
             raise gr.Error("enter at least one prompt")
         if source_v == "upload":
-            files = files or []
-            if not files or len(files) > MAX_UPLOADS:
-                raise gr.Error(f"upload 1 to {MAX_UPLOADS} images")
-            images = []
-            for f in files:
-                try:
-                    with Image.open(f) as im:
-                        images.append(im.convert("RGB"))
-                except OSError:
-                    raise gr.Error("one of the uploads is not a readable image") from None
             prompts_l = (lines * len(images))[:len(images)] if len(lines) < len(images) else lines[:len(images)]
         else:
-            seeds = [int(seed_v or 0) + i for i in range(len(lines))]
+            seeds = [seed0 + i for i in range(len(lines))]
             cells = service.generate(method_v, int(steps_v), lines, seeds)
             if cells[0].error:
                 raise gr.Error(cells[0].error)

@@ -72,16 +72,27 @@ def export_kohya(lora_file: str | Path, out_file: str | Path) -> Path:
     from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(_weights_file(lora_file)))
+    state = load_file(str(check_lora_file(lora_file)))
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     if not unet:
-        raise ValueError(f"{lora_file} holds no UNet LoRA keys (expected 'unet.*')")
-    peft_state = {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(unet).items()}
-    kohya = convert_state_dict_to_kohya(peft_state)
+        raise ValueError(f"{lora_file} holds no UNet LoRA keys in diffusers format "
+                         "(expected 'unet.*'; a kohya file needs no export)")
+    try:
+        peft_state = {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(unet).items()}
+        kohya = convert_state_dict_to_kohya(peft_state)
+    except Exception as err:  # diffusers' converters raise bare errors on odd key sets
+        raise ValueError(f"{lora_file}: its keys cannot be converted to kohya format "
+                         f"({type(err).__name__}: {err})") from None
     kohya = {k.replace("lora_unet_unet_", "lora_unet_"): v.contiguous() for k, v in kohya.items()}
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya, str(out_file))
+    if out_file.is_dir():
+        raise ValueError(f"{out_file} is a folder; give the output file name")
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(kohya, str(out_file))
+    except Exception as err:  # safetensors reports I/O errors as its own exception type
+        msg = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise ValueError(f"cannot write {out_file}: {msg}") from None
     # safetensors writes through a private temp file (mode 0600): give the export the
     # mode any new file gets (0666 minus the umask), so other programs can read it
     umask = os.umask(0)
@@ -114,6 +125,44 @@ def check_lora_file(path: str | Path) -> Path:
     if not any("lora" in k for k in keys):
         raise ValueError(f"{path} holds no LoRA weights (no 'lora' keys; is it a full model?)")
     return path
+
+
+def check_lora_fits(unet, source: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """ValueError naming the first layer whose LoRA factors do not fit ``unet`` (a LoRA
+    trained for another architecture), with both shapes; silent when every layer the
+    file and the UNet share fits. ``state``: diffusers, PEFT or converted kohya keys
+    (default: the shapes in the file ``source``, read without loading its tensors)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+
+    if state is None:
+        with safe_open(str(_weights_file(source)), "pt") as f:
+            state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+    unet_keys = {k.removeprefix("unet."): v for k, v in state.items()
+                 if not k.startswith(("text_encoder", "te_", "lora_te"))}
+    try:
+        unet_keys = convert_unet_state_dict_to_peft(unet_keys)
+    except Exception:  # noqa: BLE001 - keys already in PEFT form
+        pass
+    modules = dict(unet.named_modules())
+    for key, down in sorted(unet_keys.items()):
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0]
+        up = unet_keys.get(key.replace(".lora_A.", ".lora_B."))
+        module = modules.get(name)
+        module = getattr(module, "base_layer", module)
+        weight = getattr(module, "weight", None)
+        if weight is None or up is None:
+            continue
+        fits = (down.ndim == weight.ndim and down.shape[1] == weight.shape[1]
+                and up.shape[0] == weight.shape[0] and tuple(down.shape[2:]) == tuple(weight.shape[2:]))
+        if not fits:
+            raise ValueError(
+                f"{source} does not fit this model: layer {name} has weight "
+                f"{tuple(weight.shape)} but the LoRA gives lora_A {tuple(down.shape)}, lora_B "
+                f"{tuple(up.shape)} (it was trained for another architecture)")
 
 
 _OLD_PROCESSOR_KEYS = {f"processor.{p}_lora.": f"{q}.lora." for p, q in [
@@ -220,6 +269,7 @@ def load_lora_into(unet, path: str | Path, adapter_name: str) -> None:
     state = {k.removeprefix("unet."): v for k, v in state.items()
              if not k.startswith("text_encoder")}
     state = convert_unet_state_dict_to_peft(state)
+    check_lora_fits(unet, path, state)
     config = unet.peft_config[adapter_name]
     ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
     if ranks != {config.r}:

@@ -4,6 +4,7 @@ overrides, validated with clear messages before any model loads."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from hypersd_core.paths import PRESETS
 STAGES = ("tscd", "lcm", "tcd", "feedback", "dmd")
 PERCEPTUAL_BACKENDS = ("digits", "maskrcnn", "solo")
 TSCD_CHAIN = (8, 4, 2, 1)
+NUM_TIMESTEPS = 1000  # the training schedule every supported model uses (T)
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -93,7 +96,9 @@ class StageConfig:
 
     def validate(self) -> StageConfig:
         """Raise ValueError naming every bad field; return self."""
-        errors = []
+        errors = _type_errors(self)
+        if errors:  # the range checks below compare numbers
+            raise ValueError("invalid stage config: " + "; ".join(errors))
 
         def need(cond: bool, msg: str):
             if not cond:
@@ -167,6 +172,22 @@ class StageConfig:
         need(self.data_shuffle_buffer >= 1, f"data_shuffle_buffer must be >= 1, got {self.data_shuffle_buffer}")
         need(bool(self.data_image_column and self.data_caption_column and self.data_split),
              "data_image_column, data_caption_column and data_split must not be empty")
+        for key in ("adv_lr", "fake_lr"):
+            need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
+        need(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+        need(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        need(0 <= self.sample_steps <= NUM_TIMESTEPS,
+             f"sample_steps must be in [0, {NUM_TIMESTEPS}] (0: the stage's own), got {self.sample_steps}")
+        need(self.num_solver_steps <= NUM_TIMESTEPS,
+             f"num_solver_steps must be <= {NUM_TIMESTEPS}, got {self.num_solver_steps}")
+        need(len(self.feedback_steps_range) != 2 or self.feedback_steps_range[1] <= NUM_TIMESTEPS,
+             f"feedback_steps_range must stay within {NUM_TIMESTEPS} steps, got {list(self.feedback_steps_range)}")
+        need(bool(self.sample_prompts) and all(p.strip() for p in self.sample_prompts),
+             "sample_prompts must be a non-empty list of non-empty prompts "
+             f"(the fixed sample grid), got {self.sample_prompts!r}")
         if errors:
             raise ValueError("invalid stage config: " + "; ".join(errors))
         return self
@@ -185,6 +206,36 @@ class StageConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(StageConfig)}
 
 
+def _is_number(value, hint) -> bool:
+    if isinstance(value, bool):  # True is an int to Python, never a step count or a rate
+        return False
+    return isinstance(value, int) if hint is int else isinstance(value, (int, float))
+
+
+def _type_errors(cfg: StageConfig) -> list[str]:
+    """Numbers that are booleans, not numbers, or not finite (nan, inf)."""
+    errors = []
+    for key, hint in typing.get_type_hints(StageConfig).items():
+        value = getattr(cfg, key)
+        origin = typing.get_origin(hint)
+        if hint in (int, float):
+            items = [value]
+        elif origin is dict:
+            items, hint = list(value.values()) if isinstance(value, dict) else [value], float
+        elif origin is tuple:
+            items, hint = list(value) if isinstance(value, (list, tuple)) else [value], int
+        else:
+            continue
+        for v in items:
+            if not _is_number(v, hint):
+                errors.append(f"{key} must be {'an integer' if hint is int else 'a number'}, got {v!r}")
+                break
+            if not math.isfinite(v):
+                errors.append(f"{key} must be finite, got {v!r}")
+                break
+    return errors
+
+
 def _coerce(key: str, value):
     """Turn a YAML/CLI value into the field's type, with a clear error."""
     hint = typing.get_type_hints(StageConfig)[key]
@@ -196,6 +247,8 @@ def _coerce(key: str, value):
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if hint in (int, float) and isinstance(value, bool):
+            raise TypeError  # `steps: true` is not 1
         if hint in (int, float, str):
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise TypeError
@@ -205,12 +258,16 @@ def _coerce(key: str, value):
         if origin is dict:
             if not isinstance(value, dict):
                 raise TypeError
+            if any(isinstance(v, bool) for v in value.values()):
+                raise TypeError
             return {str(k): float(v) for k, v in value.items()}
         if origin is list:
             if not isinstance(value, list):
                 raise TypeError
             return [str(v) for v in value]
         if origin is tuple:
+            if isinstance(value, (str, bool)) or any(isinstance(v, bool) for v in value):
+                raise TypeError
             return tuple(int(v) for v in value)
     except (TypeError, ValueError, yaml.YAMLError):
         pass
@@ -221,6 +278,9 @@ def _coerce(key: str, value):
 
 def make_config(values: dict) -> StageConfig:
     """StageConfig from a dict; unknown keys and wrong types are errors."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a stage config is a mapping of settings (key: value), "
+                         f"got a {type(values).__name__}: {str(values)[:60]!r}")
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(_FIELDS)}")
@@ -244,7 +304,7 @@ def list_presets() -> list[str]:
 
 def load_preset(name: str, overrides: list[str] | dict | None = None) -> StageConfig:
     """A preset (name in assets/presets or a YAML path) with ``key=value`` overrides."""
-    values = yaml.safe_load(preset_path(name).read_text()) or {}
+    values = read_yaml_mapping(preset_path(name))
     if isinstance(overrides, dict):
         values.update(overrides)
     else:
@@ -257,7 +317,27 @@ def load_preset(name: str, overrides: list[str] | dict | None = None) -> StageCo
 
 
 def load_config_file(path: str | Path) -> StageConfig:
-    return make_config(yaml.safe_load(Path(path).read_text()) or {})
+    return make_config(read_yaml_mapping(path))
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping; errors are one line with the file and line."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text (YAML) file") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (key: value lines), "
+                         f"got a {type(values).__name__}: {str(values)[:60]!r}")
+    return values
 
 
 def save_config(cfg: StageConfig, path: str | Path) -> None:

@@ -1,12 +1,18 @@
 """Run folders: config, status, metrics stream, stop flag, checkpoints, processes.
 
 A run folder (DESIGN.md) holds everything about a run, so a page reload or an app
-restart loses nothing. Checkpoints are written to a temp folder, verified, renamed,
-and only then are old ones pruned; a partial or corrupt one is skipped on resume.
+restart loses nothing. One process owns a run folder at a time: the trainer holds an
+exclusive ``flock`` on ``LOCK`` (the kernel drops it when the process ends, also on
+``kill -9``), and a second start or resume is refused naming the holder's PID.
+Checkpoints are written to a temp folder, their COMPLETE manifest records the size and
+SHA-256 of every file, then they are renamed, and only then are old ones pruned; on
+resume a partial or corrupt one is skipped with a warning naming it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +29,69 @@ from hypersd_core.training.config import StageConfig, load_config_file, save_con
 
 STATES = ("queued", "running", "stopping", "done", "failed", "stopped")
 COMPLETE = "COMPLETE"  # marker file written last inside a checkpoint
+LOCK = "LOCK"  # flock'ed by the process that owns the run folder; holds its PID
+
+
+class RunLockedError(RuntimeError):
+    """The run folder is owned by another live process."""
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``run_dir/LOCK`` (released on exit or kill)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(busy_message(self.path.parent, lock_holder(self.path.parent))) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(run_dir: str | Path) -> int | None:
+    """The PID holding the run folder's lock (0 when it is held but unreadable), or None."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def busy_message(run_dir: Path, pid: int | None) -> str:
+    who = f"process {pid}" if pid else "another process"
+    return (f"{run_dir} is in use by {who} (it holds the run's lock); stop it with "
+            f"`python -m hypersd_core stop {run_dir}` or wait for it to end")
 
 
 @dataclass
@@ -67,16 +136,34 @@ class Run:
     def stop_path(self) -> Path:
         return self.dir / "STOP"
 
+    # ---- ownership
+    def lock(self) -> RunLock:
+        """Own the folder (RunLockedError naming the holder's PID when another process does)."""
+        return RunLock(self.dir).acquire()
+
+    def holder(self) -> int | None:
+        """PID of the process that owns the folder now, or None."""
+        return lock_holder(self.dir)
+
     # ---- creation
     @classmethod
     def create(cls, run_dir: str | Path, cfg: StageConfig) -> Run:
         run = cls(Path(run_dir))
+        if run.dir.exists() and not run.dir.is_dir():
+            raise ValueError(f"--run-dir {run.dir} is a file, not a folder")
+        pid = run.holder()
+        if pid is not None:
+            raise RunLockedError(busy_message(run.dir, pid))
         if run.config_path.exists():
             raise FileExistsError(
                 f"{run.dir} already holds a run; resume it with `train --resume {run.dir}` "
                 "or choose another --run-dir")
-        run.dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.config_path)
+        try:
+            run.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run.config_path)
+        except OSError as err:
+            raise ValueError(f"cannot write the run folder {run.dir}: "
+                             f"{err.strerror or err}") from None
         run.write_status(state="queued", step=0, total=cfg.steps)
         return run
 
@@ -91,7 +178,8 @@ class Run:
             status = json.loads(self.status_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {"state": "unknown", "step": 0, "total": 0}
-        if status.get("state") in ("running", "stopping") and not pid_alive(status.get("pid")):
+        state, pid = status.get("state"), status.get("pid")
+        if (state in ("running", "stopping") or (state == "queued" and pid)) and not pid_alive(pid):
             status["state"] = "failed"
             status["error"] = status.get("error") or "the run's process is gone (crashed or killed)"
         return status
@@ -146,18 +234,22 @@ class Run:
         return self.stop_path.exists()
 
     # ---- checkpoints
-    def checkpoints(self) -> list[Path]:
-        """Valid checkpoints, oldest first; partial or corrupt ones are skipped with a warning."""
+    def checkpoints(self, verify: bool = True) -> list[Path]:
+        """Intact checkpoints, oldest first; a partial or corrupt one (a file whose size
+        or SHA-256 differs from the COMPLETE manifest) is skipped with a warning naming it.
+        ``verify=False`` lists finished ones (with a manifest) without reading their files."""
         if not self.checkpoints_dir.is_dir():
             return []
         valid = []
         for path in sorted(self.checkpoints_dir.glob("step-*"), key=_step_of):
             if path.name.endswith(".tmp"):
                 continue
-            if verify_checkpoint(path):
+            problem = checkpoint_problem(path, hashes=verify)
+            if not problem:
                 valid.append(path)
-            else:
-                warnings.warn(f"skipping incomplete or corrupt checkpoint {path}", stacklevel=2)
+            elif verify:
+                warnings.warn(f"skipping incomplete or corrupt checkpoint {path} ({problem})",
+                              stacklevel=2)
         return valid
 
     def latest_checkpoint(self) -> Path | None:
@@ -172,12 +264,13 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write_fn(tmp)
-        manifest = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        manifest = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                    for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": manifest}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in self.checkpoints()[:-keep]:
+        for old in self.checkpoints(verify=False)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -189,15 +282,41 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def verify_checkpoint(path: Path) -> bool:
-    """True when the COMPLETE manifest exists and every file has its recorded size."""
-    marker = path / COMPLETE
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path, hashes: bool = True) -> str:
+    """Why a checkpoint is not intact ('' when it is): no or unreadable COMPLETE
+    manifest, a missing file, a size or (``hashes``) SHA-256 that differs from it.
+    Manifests of older checkpoints hold sizes only; those are checked by size."""
     try:
-        manifest = json.loads(marker.read_text())
-        return all((path / name).is_file() and (path / name).stat().st_size == size
-                   for name, size in manifest["files"].items())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return False
+        files = json.loads((path / COMPLETE).read_text())["files"]
+        if not isinstance(files, dict) or not files:
+            return "empty COMPLETE manifest"
+        for name, entry in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            size = entry["size"] if isinstance(entry, dict) else entry
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+            if hashes and isinstance(entry, dict) and file_sha256(file) != entry["sha256"]:
+                return f"{name} does not match its SHA-256 in the manifest"
+    except FileNotFoundError:
+        return "no COMPLETE manifest (the write was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable COMPLETE manifest ({type(err).__name__})"
+    return ""
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """True when the COMPLETE manifest exists and every file has its recorded size and SHA-256."""
+    return not checkpoint_problem(path)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -242,6 +361,9 @@ def active_run(root: str | Path) -> Run | None:
 
 def launch(run: Run, resume: bool = False, env: dict | None = None) -> subprocess.Popen:
     """Start the run as its own process (own process group), output to log.txt."""
+    pid = run.holder()
+    if pid is not None:
+        raise RunLockedError(busy_message(run.dir, pid))
     cmd = [sys.executable, "-m", "hypersd_core.training.trainer", "--run-dir", str(run.dir)]
     if resume:
         cmd.append("--resume")
