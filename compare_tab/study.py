@@ -1,65 +1,188 @@
-"""User-study tab: blind pairwise votes (A / B / tie / both bad) with a server-issued
-single-use token per shown pair, identities revealed only after the vote, and the
-results (win rates with 95% bootstrap CIs, Bradley-Terry scores, per step count)."""
+"""User-study tab: blind pairwise votes (A / B / tie / both bad).
+
+* Pairs come from the balanced (or active) schedule with secret seeds (see
+  ``hypersd_core/study/config.py``): the page shows neither methods nor seed, and the
+  public ``/generate`` cannot reproduce a study image.
+* Each shown pair has a server-issued single-use token kept in server-side state.
+* Voters are identified by a Hugging Face login (``require_login`` in study.yaml, with a
+  Login button; works on a Space with ``hf_oauth: true``), else by a server-signed voter
+  cookie set by :class:`VoterCookieMiddleware` (a client cannot mint a valid one; a fresh
+  cookie only becomes a voter within a per-IP limit of new voters per hour), else, only
+  when study.yaml allows it, the browser session. Ids are stored as salted hashes.
+* Results are in their own tab (``study_results.py``), never beside the vote buttons.
+"""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import hashlib
+import hmac
+import math
+import secrets
+from http.cookies import SimpleCookie
 
 import gradio as gr
-import pandas as pd
+from PIL import Image
 
-from hypersd_core.app.service import AppSettings, ModelService, gpu
+from hypersd_core.app.service import AppSettings, ModelService, default_adapter_name, gpu, on_space
+from hypersd_core.study.config import derive_key, resolve_salt
+from hypersd_core.study.provenance import code_version, weights_hash
 from hypersd_core.study.store import (
     CHOICES,
     InvalidToken,
+    PairContext,
+    RateLimited,
     StudyConfig,
     StudyStore,
-    results_table,
 )
 
 CHOICE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
+COOKIE = "hypersd_voter"
+COOKIE_MAX_AGE = 180 * 24 * 3600
+MIN_SIDE = 256
 
 
-def voter_id(request: gr.Request | None) -> str:
-    """Who votes: the logged-in user, else the browser session (stored only as a salted hash)."""
+# -------------------------------------------------------------------- voters
+class VoterCookies:
+    """Mint and verify server-signed voter ids: ``<random id>.<HMAC of the id>``."""
+
+    def __init__(self, salt: bytes):
+        self._key = derive_key(salt, "voter-cookie")
+
+    def _sign(self, voter: str) -> str:
+        return hmac.new(self._key, voter.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def mint(self) -> str:
+        voter = secrets.token_urlsafe(16)
+        return f"{voter}.{self._sign(voter)}"
+
+    def verify(self, value: str | None) -> str | None:
+        """The voter id of a valid cookie value, else None."""
+        if not value or value.count(".") != 1:
+            return None
+        voter, sig = value.split(".")
+        return voter if voter and hmac.compare_digest(sig, self._sign(voter)) else None
+
+
+class VoterCookieMiddleware:
+    """ASGI middleware: a GET without a valid voter cookie gets a fresh signed one
+    (HttpOnly; SameSite=None; Secure over https, so it works inside a Space's iframe)."""
+
+    def __init__(self, app, cookies: VoterCookies):
+        self.app, self.cookies = app, cookies
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        jar = SimpleCookie()
+        try:
+            jar.load(headers.get(b"cookie", b"").decode("latin-1"))
+        except Exception:  # noqa: BLE001 - a malformed header counts as no cookie
+            jar = SimpleCookie()
+        current = jar[COOKIE].value if COOKIE in jar else None
+        if self.cookies.verify(current):
+            return await self.app(scope, receive, send)
+        https = scope.get("scheme") == "https" or headers.get(b"x-forwarded-proto") == b"https"
+        attrs = "; SameSite=None; Secure" if https else "; SameSite=Lax"
+        cookie = (f"{COOKIE}={self.cookies.mint()}; Path=/; Max-Age={COOKIE_MAX_AGE}; "
+                  f"HttpOnly{attrs}").encode("latin-1")
+
+        async def send_with_cookie(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers") or []) + [(b"set-cookie", cookie)]
+            await send(message)
+
+        return await self.app(scope, receive, send_with_cookie)
+
+
+def study_middleware(settings: AppSettings):
+    """The voter-cookie middleware for ``launch(app_kwargs={"middleware": [...]})``."""
+    from starlette.middleware import Middleware
+
+    return Middleware(VoterCookieMiddleware, cookies=VoterCookies(resolve_salt(settings.study_db)))
+
+
+def client_ip(request: gr.Request | None) -> str | None:
+    """The client's address: X-Forwarded-For's first entry on a Space (its proxy sets it),
+    else the socket peer. Only used, hashed, for rate limits."""
     if request is None:
-        return "anonymous"
-    return getattr(request, "username", None) or getattr(request, "session_hash", None) or "anonymous"
+        return None
+    if on_space():
+        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
+        if forwarded:
+            return forwarded
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or None
 
 
+def identify(request: gr.Request | None, profile, cookies: VoterCookies,
+             config: StudyConfig) -> tuple[str, str] | str:
+    """(voter id, kind) for a request, or the reason it cannot vote."""
+    login = getattr(profile, "username", None) or (
+        getattr(request, "username", None) if request is not None else None)
+    if login:
+        return f"login:{login}", "login"
+    if config.require_login:
+        return "This study counts logged-in voters only: sign in with Hugging Face first."
+    if request is None:  # a direct call in-process (tests, scripts), never through the API
+        return "local", "session"
+    voter = cookies.verify((getattr(request, "cookies", None) or {}).get(COOKIE))
+    if voter:
+        return f"cookie:{voter}", "cookie"
+    if config.allow_session and getattr(request, "session_hash", None):
+        return f"session:{request.session_hash}", "session"
+    return ("Your browser did not send the study's voter cookie: reload the page "
+            "(cookies must be allowed for this site).")
+
+
+# ------------------------------------------------------------------- helpers
 def playable_config(config: StudyConfig, service: ModelService) -> StudyConfig:
     """The study restricted to methods this model can run at every configured step count."""
+    from dataclasses import replace
+
     missing = [m for m in config.methods
                if not all(service.method_available(m, n) for n in config.steps)]
     methods = [m for m in config.methods if m not in missing]
     if len(methods) < 2:
         raise gr.Error("the study needs two methods this model can run; missing adapters for "
                        f"{', '.join(missing)} (train them in the Train tab)")
-    return StudyConfig(prompts=config.prompts, methods=methods, steps=config.steps,
-                       seeds=config.seeds)
+    primary = config.primary
+    if primary is not None and (primary.method not in methods
+                                or not set(primary.against) & set(methods)):
+        primary = None
+    elif primary is not None:
+        primary = replace(primary, against=tuple(a for a in primary.against if a in methods))
+    return replace(config, methods=methods, primary=primary)
 
 
-def cast_vote(store: StudyStore, token: str | None, choice: str, voter: str) -> tuple[bool, str]:
-    """Record one vote; (stored, message). A replayed, forged or missing token is refused."""
-    if choice not in CHOICES:
-        return False, f"unknown choice {choice!r}"
-    if not token:
-        return False, "No pair on screen: press **Show a pair** first."
+def pair_context(service: ModelService, config: StudyConfig) -> PairContext:
+    """Base model, code version, and the adapter (name, weights hash) of every method@steps."""
+    sides = [(m, n) for m in config.methods for n in config.steps]
+    if config.anchor is not None:
+        sides.append((config.anchor.method, config.anchor.steps))
+    adapters = {}
+    dirs = service.sampler.backbone.adapter_dirs
+    for m, n in sides:
+        name = default_adapter_name(m, n)
+        if name and name in dirs:
+            adapters[f"{m}@{n}"] = (name, weights_hash(dirs[name]))
+    return PairContext(service.model, code_version(), adapters)
+
+
+def for_screen(image: Image.Image, min_side: int = MIN_SIDE) -> Image.Image:
+    """Small (digits-sized) images upscaled nearest-neighbour to at least ``min_side`` px
+    (the app's display helper when present; SD-sized images unchanged)."""
     try:
-        vote = store.record_vote(token, choice, voter)
-    except InvalidToken as err:
-        return False, f"Vote rejected: {err}."
-    return True, (f"Thanks! **A** was **{vote.method_a}**, **B** was **{vote.method_b}** "
-                  f"({vote.steps} steps, seed {vote.seed}); you chose "
-                  f"*{CHOICE_LABELS[choice]}*.")
-
-
-def results(store: StudyStore) -> pd.DataFrame:
-    """The results view: one row per method and step count ('all' pooled)."""
-    table = results_table(store.votes_frame())
-    return table.round(3) if len(table) else table
+        from compare_tab.display import enlarge
+    except ImportError:
+        enlarge = None
+    if enlarge is not None:
+        return enlarge(image, min_px=min_side)
+    if max(image.size) > 128:
+        return image
+    factor = math.ceil(min_side / max(1, min(image.size)))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 class StudyHandlers:
@@ -67,68 +190,99 @@ class StudyHandlers:
 
     def __init__(self, service: ModelService, store: StudyStore, config: StudyConfig):
         self.service, self.store, self.config = service, store, config
+        self.cookies = VoterCookies(store.salt)
+        self._playable: StudyConfig | None = None
+        self._context: PairContext | None = None
 
-    def next_pair(self) -> tuple:
+    def playable(self) -> tuple[StudyConfig, PairContext]:
+        if self._playable is None:
+            self._playable = playable_config(self.config, self.service)
+            self._context = pair_context(self.service, self._playable)
+        return self._playable, self._context
+
+    def next_pair(self, request: gr.Request | None = None, profile=None) -> tuple:
         """Issue a pair and render it: (image A, image B, caption, reveal, token, buttons...)."""
-        pair = self.store.next_pair(playable_config(self.config, self.service))
+        who = identify(request, profile, self.cookies, self.config)
+        if isinstance(who, str):
+            raise gr.Error(who)
+        config, context = self.playable()
+        pair = self.store.next_pair(config, context=context, viewer_id=who[0])
         images = []
-        for method in (pair.left, pair.right):
-            cell = self.service.generate(method, pair.steps, [pair.prompt], [pair.seed])[0]
+        for method, steps in ((pair.left, pair.steps_left), (pair.right, pair.steps_right)):
+            cell = self.service.generate(method, steps, [pair.prompt], [pair.seed])[0]
             if cell.error:
                 raise gr.Error(f"could not render the pair: {cell.error}")
-            images.append(cell.image)
-        text = f"**Prompt:** {pair.prompt} · {pair.steps} steps"
+            images.append(for_screen(cell.image))
+        steps = (f"{pair.steps} steps" if pair.steps_left == pair.steps_right
+                 else "a reference and a fast image")
+        text = f"**Prompt:** {pair.prompt} · {steps}"
         on = [gr.Button(interactive=True)] * len(CHOICES)
         return (images[0], images[1], text, "", pair.token, *on)
 
-    def vote(self, choice: str, token: str | None, request: gr.Request | None = None) -> tuple:
-        """Cast a vote: (reveal message, cleared token, disabled buttons...)."""
-        stored, message = cast_vote(self.store, token, choice, voter_id(request))
-        if not stored:
-            gr.Warning(message.replace("**", ""))
-        return (message, None, *[gr.Button(interactive=False)] * len(CHOICES))
+    def vote(self, choice: str, token: str | None, request: gr.Request | None = None,
+             profile=None) -> tuple:
+        """Cast a vote: (reveal message, token or None, buttons...)."""
+        off = [gr.Button(interactive=False)] * len(CHOICES)
+        on = [gr.Button(interactive=True)] * len(CHOICES)  # the pair stays votable
+        who = identify(request, profile, self.cookies, self.config)
+        if isinstance(who, str):
+            gr.Warning(who)
+            return (f"Vote not counted: {who}", token, *(on if token else off))
+        if choice not in CHOICES:
+            return (f"unknown choice {choice!r}", token, *off)
+        if not token:
+            return ("No pair on screen: press **Show a pair** first.", None, *off)
+        try:
+            vote = self.store.record_vote(
+                token, choice, who[0], who[1], ip=client_ip(request),
+                new_voters_per_hour=self.config.new_voters_per_ip_per_hour,
+                votes_per_minute=self.config.votes_per_ip_per_minute)
+        except InvalidToken as err:
+            gr.Warning(f"Vote rejected: {err}.")
+            return (f"Vote rejected: {err}.", None, *off)
+        except RateLimited as err:
+            gr.Warning(f"Vote not counted: {err}.")
+            return (f"Vote not counted: {err}.", token, *on)
+        return (f"Thanks! **A** was **{vote.method_a}**, **B** was **{vote.method_b}**; you "
+                f"chose *{CHOICE_LABELS[choice]}*. Press **Show a pair** for the next one.",
+                None, *off)
 
 
 def build_study_tab(settings: AppSettings, service: ModelService, store: StudyStore,
-                    config: StudyConfig) -> None:
-    """Blind A/B voting, reveal after the vote, results and CSV export."""
+                    config: StudyConfig) -> StudyHandlers:
+    """Blind A/B voting with the reveal after the vote (results: the Study results tab)."""
     gr.Markdown("Two images from the same prompt, seed and step count, made by two methods "
-                "in random order. Pick the better one; the methods are shown after you vote.")
-    show = gr.Button("Show a pair", variant="primary")
+                "in random order. Pick the better one; the methods are shown after you vote. "
+                "Results are in the **Study results** tab.")
+    if config.require_login:
+        gr.LoginButton()
+    show = gr.Button("Show a pair", variant="primary", elem_id="study-show")
     pair_md = gr.Markdown()
     with gr.Row():
-        left = gr.Image(label="A", type="pil", format="png", interactive=False, height=256,
-                        show_label=True)
-        right = gr.Image(label="B", type="pil", format="png", interactive=False, height=256,
-                         show_label=True)
+        left = gr.Image(label="A", type="pil", format="png", interactive=False, height=MIN_SIDE,
+                        show_label=True, elem_id="study-left",
+                        elem_classes=["pixelated"])
+        right = gr.Image(label="B", type="pil", format="png", interactive=False, height=MIN_SIDE,
+                         show_label=True, elem_id="study-right",
+                         elem_classes=["pixelated"])
     with gr.Row():
         buttons = {c: gr.Button(CHOICE_LABELS[c], interactive=False) for c in CHOICES}
     reveal = gr.Markdown()
     token = gr.State(None)  # server-side only: never sent to the browser
-    with gr.Accordion("Results", open=True):
-        refresh = gr.Button("Refresh results")
-        table = gr.Dataframe(lambda: results(store), label="Win rate (ties count half) with 95% bootstrap CI; "
-                             "Bradley-Terry log-strength per step count", interactive=False)
-        export = gr.Button("Export votes as CSV")
-        csv_file = gr.File(label="votes.csv", interactive=False)
-
     handlers = StudyHandlers(service, store, config)
 
-    def export_csv():
-        folder = Path(tempfile.mkdtemp(prefix="study-export-"))
-        return str(store.export_csv(folder / "votes.csv"))
+    def show_pair(request: gr.Request, profile: gr.OAuthProfile | None):
+        return handlers.next_pair(request, profile)
 
-    show.click(gpu(handlers.next_pair), None,
-               [left, right, pair_md, reveal, token, *buttons.values()],
+    show.click(gpu(show_pair), None, [left, right, pair_md, reveal, token, *buttons.values()],
                concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 
     def make_vote(choice: str):
-        def handler(token_v: str | None, request: gr.Request):
-            return handlers.vote(choice, token_v, request)
+        def handler(token_v: str | None, request: gr.Request, profile: gr.OAuthProfile | None):
+            return handlers.vote(choice, token_v, request, profile)
         return handler
 
     for choice, btn in buttons.items():
         btn.click(make_vote(choice), token, [reveal, token, *buttons.values()],
                   api_visibility="private", concurrency_limit=None)
-    refresh.click(lambda: results(store), None, table, api_visibility="private")
-    export.click(export_csv, None, csv_file, api_visibility="private")
+    return handlers

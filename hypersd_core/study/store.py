@@ -1,139 +1,46 @@
-"""Blind pairwise user study: config, vote storage (SQLite, WAL) and statistics.
+"""Blind pairwise user study: vote storage (SQLite, WAL), scheduling, provenance, limits.
 
-A shown pair is stored with a server-issued single-use token; a vote redeems the
-token once, inside one ``BEGIN IMMEDIATE`` transaction, so a vote is stored once
-or not at all. Voter ids are kept only as salted SHA-256 (HMAC) hashes.
-The statistics live in ``study_stats.py`` and are re-exported here.
-No UI and no torch here; the study tab calls this module.
+A shown pair is stored with a server-issued single-use token and everything needed to
+reanalyse it later (base model, both adapters and their file hashes, code version, the
+study-config digest whose snapshot lies next to the DB, methods in rotation, time shown).
+A vote redeems the token once, inside one ``BEGIN IMMEDIATE`` transaction, with the voter's
+kind (login / cookie / session) and time to decide. Voter ids and IP addresses are stored
+only as salted HMAC hashes. New voters per IP hash per hour and votes per IP hash per minute
+are capped. No UI and no torch here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import random
 import secrets
 import sqlite3
-import stat
-import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from hypersd_core.paths import ASSETS
-from hypersd_core.study.stats import (  # noqa: F401  (re-exported: one study API)
-    CHOICES,
-    RESULT_COLUMNS,
-    VOTE_COLUMNS,
-    bootstrap_ci,
-    bradley_terry,
-    pairwise_win_rates,
-    results_table,
+from hypersd_core.study.config import (  # noqa: F401  (re-exported: one study API)
+    MIN_SALT_CHARS,
+    SALT_ENV,
+    SALT_FILENAME,
+    STUDY_SEED_MIN,
+    STUDY_YAML,
+    StudyConfig,
+    derive_key,
+    resolve_salt,
+    secret_seed,
 )
+from hypersd_core.study.export import EXPORT_COLUMNS, VOTE_COLUMNS, write_export
+from hypersd_core.study.schedule import cells, choose_cell, left_first, prompt_and_slot
+from hypersd_core.study.stats import CHOICES
 
-STUDY_YAML = ASSETS / "study.yaml"
-SALT_ENV = "HYPERSD_STUDY_SALT"
-SALT_FILENAME = "study_salt"
-MIN_SALT_CHARS = 16
-
-
-# --------------------------------------------------------------------- config
-@dataclass
-class StudyConfig:
-    """What the study shows: every pair shares prompt, seed and step count."""
-
-    prompts: list[str] = field(default_factory=lambda: [
-        "a red handwritten digit 7", "a blue handwritten digit 3",
-        "a green handwritten digit 0", "a yellow handwritten digit 5",
-        "a magenta handwritten digit 8", "a cyan handwritten digit 2"])
-    methods: list[str] = field(default_factory=lambda: [
-        "teacher", "lcm", "tcd", "hypersd", "hypersd-unified"])
-    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-
-    def __post_init__(self) -> None:
-        _check_items("prompts", self.prompts, lambda v: isinstance(v, str) and v.strip() != "",
-                     "non-empty strings")
-        _check_items("methods", self.methods, lambda v: isinstance(v, str) and v.strip() != "",
-                     "non-empty strings")
-        if len(self.methods) < 2:
-            raise ValueError(f"methods needs at least 2 entries to form pairs, "
-                             f"got {self.methods!r}")
-        for name, low in (("steps", 1), ("seeds", 0)):
-            _check_items(name, getattr(self, name),
-                         lambda v, low=low: type(v) is int and v >= low, f"integers >= {low}")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path = STUDY_YAML) -> StudyConfig:
-        """Load and validate a YAML mapping; absent keys keep their defaults."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"prompts", "methods", "steps", "seeds"})
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; "
-                             "allowed: prompts, methods, steps, seeds")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        """Plain dict, for saving next to results."""
-        return asdict(self)
+VOTER_KINDS = ("login", "cookie", "session")
 
 
-def _check_items(name: str, values: object, valid, want: str) -> None:
-    """Raise unless ``values`` is a non-empty duplicate-free list of valid items."""
-    if not isinstance(values, list) or not values:
-        raise ValueError(f"{name} must be a non-empty list of {want}, got {values!r}")
-    for v in values:
-        if not valid(v):
-            raise ValueError(f"{name} must hold {want}, got {v!r}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"{name} has duplicates: {values!r}")
-
-
-def resolve_salt(db_path: str | Path) -> bytes:
-    """The voter-hash salt: env HYPERSD_STUDY_SALT, else a random one kept next to the DB.
-
-    The file (``study_salt`` beside the DB) is created once with mode 0600 and
-    atomically (link of a finished temp file), so racing processes agree on it.
-    """
-    env = os.environ.get(SALT_ENV)
-    if env is not None:
-        if len(env) < MIN_SALT_CHARS:
-            raise ValueError(f"{SALT_ENV} must be at least {MIN_SALT_CHARS} characters, "
-                             f"got {len(env)}; unset it to use a generated salt file")
-        return env.encode()
-    path = Path(db_path).resolve().parent / SALT_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".salt-")  # mkstemp: mode 0600
-        try:
-            os.write(fd, secrets.token_hex(32).encode())
-            os.fsync(fd)
-            os.close(fd)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won the race; use its salt
-        finally:
-            os.unlink(tmp)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise PermissionError(f"salt file {path} is readable by others (mode {oct(mode)}); "
-                              f"run: chmod 600 {path}")
-    salt = path.read_bytes().strip()
-    if len(salt) < MIN_SALT_CHARS:
-        raise ValueError(f"salt file {path} is empty or too short; delete it to regenerate "
-                         "(existing voter hashes will no longer match)")
-    return salt
-
-
-# ---------------------------------------------------------------------- store
 class StudyError(Exception):
     """Base class for user-study errors."""
 
@@ -146,9 +53,22 @@ class InvalidToken(StudyError):
         self.reason = reason  # "unknown" or "used"
 
 
+class RateLimited(StudyError):
+    """Too many new voters or votes from one network address."""
+
+
+@dataclass(frozen=True)
+class PairContext:
+    """Provenance of the pairs a server shows: model, code, adapters per method@steps."""
+
+    base_model: str = ""
+    code_version: str = ""
+    adapters: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (name, sha256)
+
+
 @dataclass(frozen=True)
 class Pair:
-    """One shown pair. ``left``/``right`` must stay server-side until the vote."""
+    """One shown pair. ``left``/``right`` and ``seed`` must stay server-side."""
 
     token: str
     prompt: str
@@ -156,6 +76,10 @@ class Pair:
     steps: int
     left: str
     right: str
+    seed_slot: int = 0
+    steps_left: int = 0
+    steps_right: int = 0
+    pair_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,13 +89,15 @@ class Vote:
     id: int
     token: str
     prompt: str
-    seed: int
+    seed_slot: int
     steps: int
     method_a: str
     method_b: str
     choice: str
     voter_hash: str
+    voter_kind: str
     created_at: str
+    decide_seconds: float
 
     @property
     def winner(self) -> str | None:
@@ -179,24 +105,52 @@ class Vote:
         return {"A": self.method_a, "B": self.method_b}.get(self.choice)
 
 
+# columns added after the first schema: part of new tables, added in place to old ones
+_ADDED = {
+    "pairs": [("seed_slot", "INTEGER NOT NULL DEFAULT 0"), ("steps_left", "INTEGER"),
+              ("steps_right", "INTEGER"), ("base_model", "TEXT NOT NULL DEFAULT ''"),
+              ("adapter_left", "TEXT NOT NULL DEFAULT ''"),
+              ("adapter_right", "TEXT NOT NULL DEFAULT ''"),
+              ("hash_left", "TEXT NOT NULL DEFAULT ''"), ("hash_right", "TEXT NOT NULL DEFAULT ''"),
+              ("code_version", "TEXT NOT NULL DEFAULT ''"),
+              ("config_hash", "TEXT NOT NULL DEFAULT ''"),
+              ("methods_rotation", "TEXT NOT NULL DEFAULT ''"),
+              ("schedule", "TEXT NOT NULL DEFAULT ''"), ("viewer_hash", "TEXT NOT NULL DEFAULT ''")],
+    "votes": [("voter_kind", "TEXT NOT NULL DEFAULT 'session'"), ("decide_seconds", "REAL"),
+              ("ip_hash", "TEXT NOT NULL DEFAULT ''")],
+}
+
+
+def _extra(table: str) -> str:
+    return "".join(f", {name} {decl}" for name, decl in _ADDED[table])
+
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS pairs (
     token TEXT PRIMARY KEY, prompt TEXT NOT NULL, seed INTEGER NOT NULL,
     steps INTEGER NOT NULL, method_left TEXT NOT NULL, method_right TEXT NOT NULL,
-    issued_at TEXT NOT NULL, used INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1)),
-    CHECK (method_left <> method_right));
+    issued_at TEXT NOT NULL, used INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1)){_extra("pairs")},
+    CHECK (method_left <> method_right OR steps_left <> steps_right));
 CREATE TABLE IF NOT EXISTS votes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     token TEXT NOT NULL UNIQUE REFERENCES pairs(token),
     prompt TEXT NOT NULL, seed INTEGER NOT NULL, steps INTEGER NOT NULL,
     method_a TEXT NOT NULL, method_b TEXT NOT NULL,
     choice TEXT NOT NULL CHECK (choice IN {CHOICES!r}),
-    voter_hash TEXT NOT NULL, created_at TEXT NOT NULL);
+    voter_hash TEXT NOT NULL, created_at TEXT NOT NULL{_extra("votes")});
+CREATE TABLE IF NOT EXISTS voters (
+    voter_hash TEXT PRIMARY KEY, voter_kind TEXT NOT NULL, ip_hash TEXT NOT NULL,
+    first_seen TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS voters_ip ON voters (ip_hash, first_seen);
 """
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="microseconds")
 
 
 class StudyStore:
@@ -206,7 +160,7 @@ class StudyStore:
 
     Args:
         db_path: SQLite file; its folder is created if missing.
-        salt: voter-hash salt; default :func:`resolve_salt` (env, else file by the DB).
+        salt: the study secret; default :func:`resolve_salt` (env, else file by the DB).
         busy_timeout_ms: how long a writer waits for the lock before failing.
         durable: fsync every commit (synchronous=FULL). False uses NORMAL: commits
             stay atomic and survive a process crash, but a power loss may drop the
@@ -221,6 +175,8 @@ class StudyStore:
         self._salt = salt.encode() if isinstance(salt, str) else salt
         if len(self._salt) < MIN_SALT_CHARS:
             raise ValueError(f"salt must be at least {MIN_SALT_CHARS} bytes, got {len(self._salt)}")
+        self._seed_key = derive_key(self._salt, "seed")
+        self._ip_key = derive_key(self._salt, "ip")
         self._busy_ms = busy_timeout_ms
         self._synchronous = "FULL" if durable else "NORMAL"
         self._local = threading.local()
@@ -229,7 +185,22 @@ class StudyStore:
         conn = self._conn()
         if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
             raise StudyError(f"could not enable WAL mode on {self.db_path}")
-        conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version=1; COMMIT;")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            for table, columns in _ADDED.items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            conn.execute("CREATE INDEX IF NOT EXISTS votes_ip ON votes (ip_hash, created_at)")
+            conn.execute("PRAGMA user_version=2")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection (autocommit: transactions are explicit)."""
@@ -253,102 +224,236 @@ class StudyStore:
             self._all.clear()
         self._local = threading.local()
 
+    @property
+    def salt(self) -> bytes:
+        """The study secret (for keys derived from it, e.g. the voter-cookie key)."""
+        return self._salt
+
     def voter_hash(self, voter_id: str) -> str:
         """Salted SHA-256 (HMAC) of a voter id; the raw id is never stored."""
         if not isinstance(voter_id, str) or not voter_id:
             raise ValueError(f"voter_id must be a non-empty string, got {voter_id!r}")
         return hmac.new(self._salt, voter_id.encode(), hashlib.sha256).hexdigest()
 
+    def ip_hash(self, ip: str) -> str:
+        """Salted hash of a network address (for rate limits; the address is not stored)."""
+        return hmac.new(self._ip_key, ip.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def seed_for(self, prompt: str, slot: int) -> int:
+        """The secret image seed of a prompt and seed slot (see study.config)."""
+        return secret_seed(self._seed_key, prompt, slot)
+
+    # ------------------------------------------------------------------ pairs
     def issue_pair(self, prompt: str, seed: int, steps: int, methods: tuple[str, str],
-                   rng: random.Random | None = None) -> Pair:
-        """Store a pair with a fresh single-use token, in random left/right order.
+                   rng: random.Random | None = None, *, seed_slot: int = 0,
+                   sides_steps: tuple[int, int] | None = None, a_left: bool | None = None,
+                   context: PairContext | None = None, config_hash: str = "",
+                   rotation: str = "", schedule: str = "", viewer_hash: str = "") -> Pair:
+        """Store a pair with a fresh single-use token.
 
         Args:
-            methods: two distinct method names; their order here does not matter.
-            rng: source of the order coin flip; default is the OS's CSPRNG.
+            methods: two method names (distinct unless ``sides_steps`` differ).
+            rng: source of the side coin flip when ``a_left`` is None; default CSPRNG.
+            sides_steps: steps of methods[0] / methods[1] (anchor pairs); default both ``steps``.
+            a_left: show methods[0] on the left (None: random).
         """
-        a, b = methods
-        if a == b:
+        sa, sb = sides_steps or (int(steps), int(steps))
+        if methods[0] == methods[1] and sa == sb:
             raise ValueError(f"a pair needs two distinct methods, got {methods!r}")
-        if (rng or secrets.SystemRandom()).random() < 0.5:
-            a, b = b, a
-        pair = Pair(secrets.token_urlsafe(24), prompt, int(seed), int(steps), a, b)
-        self._conn().execute(
-            "INSERT INTO pairs (token, prompt, seed, steps, method_left, method_right, "
-            "issued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (pair.token, prompt, pair.seed, pair.steps, a, b, _now()))
+        if a_left is None:
+            a_left = (rng or secrets.SystemRandom()).random() >= 0.5
+        (left, sl), (right, sr) = ((methods[0], sa), (methods[1], sb))
+        if not a_left:
+            (left, sl), (right, sr) = (right, sr), (left, sl)
+        ctx = context or PairContext()
+        al, hl = ctx.adapters.get(f"{left}@{sl}", ("", ""))
+        ar, hr = ctx.adapters.get(f"{right}@{sr}", ("", ""))
+        token = secrets.token_urlsafe(24)
+        cur = self._conn().execute(
+            "INSERT INTO pairs (token, prompt, seed, steps, method_left, method_right, issued_at, "
+            "seed_slot, steps_left, steps_right, base_model, adapter_left, adapter_right, "
+            "hash_left, hash_right, code_version, config_hash, methods_rotation, schedule, "
+            "viewer_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (token, prompt, int(seed), int(steps), left, right, _now(), int(seed_slot), sl, sr,
+             ctx.base_model, al, ar, hl, hr, ctx.code_version, config_hash, rotation, schedule,
+             viewer_hash))
+        return Pair(token, prompt, int(seed), int(steps), left, right, int(seed_slot), sl, sr,
+                    cur.lastrowid)
+
+    def next_pair(self, config: StudyConfig, rng: random.Random | None = None,
+                  context: PairContext | None = None, viewer_id: str | None = None) -> Pair:
+        """Issue the scheduled pair (config.schedule) with a secret seed; see study.schedule."""
+        rng = rng or secrets.SystemRandom()
+        all_cells = cells(config)
+        index = {frozenset([(c.method_a, c.steps_a), (c.method_b, c.steps_b)]): c
+                 for c in all_cells}
+        digest = config.digest()
+        config.write_snapshot(self.db_path.parent)  # study_config-<digest>.yaml, once
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            shown: dict[str, int] = {}
+            a_left: dict[str, int] = {}
+            for ml, sl, mr, sr, n in conn.execute(
+                    "SELECT method_left, steps_left, method_right, steps_right, COUNT(*) FROM pairs "
+                    "WHERE config_hash = ? GROUP BY 1, 2, 3, 4", (digest,)):
+                c = index.get(frozenset([(ml, sl), (mr, sr)]))
+                if c is not None:
+                    shown[c.key] = shown.get(c.key, 0) + n
+                    if (ml, sl) == (c.method_a, c.steps_a):
+                        a_left[c.key] = a_left.get(c.key, 0) + n
+            votes = self._cell_votes(conn, digest, index) if config.schedule == "active" else None
+            cell = choose_cell(all_cells, shown, rng, config.schedule, votes)
+            times = shown.get(cell.key, 0)
+            prompt, slot = prompt_and_slot(config, all_cells.index(cell), times)
+            first = left_first((a_left.get(cell.key, 0), times - a_left.get(cell.key, 0)), rng)
+            pair = self.issue_pair(
+                prompt, self.seed_for(prompt, slot), cell.steps, (cell.method_a, cell.method_b),
+                seed_slot=slot, sides_steps=(cell.steps_a, cell.steps_b), a_left=first,
+                context=context, config_hash=digest, rotation=",".join(config.methods),
+                schedule=config.schedule,
+                viewer_hash=self.voter_hash(viewer_id) if viewer_id else "")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return pair
 
-    def next_pair(self, config: StudyConfig, rng: random.Random | None = None) -> Pair:
-        """Issue a pair with prompt, seed, steps and two distinct methods drawn from config."""
-        rng = rng or secrets.SystemRandom()
-        methods = rng.sample(config.methods, 2)
-        return self.issue_pair(rng.choice(config.prompts), rng.choice(config.seeds),
-                               rng.choice(config.steps), (methods[0], methods[1]), rng=rng)
+    def _cell_votes(self, conn, digest: str, index: dict) -> dict[str, tuple[float, float]]:
+        """(wins of side a + ties / 2, votes) per cell key, for active scheduling."""
+        out: dict[str, list[float]] = {}
+        for ml, sl, mr, sr, choice, n in conn.execute(
+                "SELECT p.method_left, p.steps_left, p.method_right, p.steps_right, v.choice, "
+                "COUNT(*) FROM votes v JOIN pairs p ON p.token = v.token "
+                "WHERE p.config_hash = ? GROUP BY 1, 2, 3, 4, 5", (digest,)):
+            c = index.get(frozenset([(ml, sl), (mr, sr)]))
+            if c is None:
+                continue
+            a_is_left = (ml, sl) == (c.method_a, c.steps_a)
+            win_a = {"A": a_is_left, "B": not a_is_left}.get(choice)
+            acc = out.setdefault(c.key, [0.0, 0.0])
+            acc[0] += n * (0.5 if win_a is None else float(win_a))
+            acc[1] += n
+        return {k: (v[0], v[1]) for k, v in out.items()}
 
     def get_pair(self, token: str) -> Pair:
-        """The pair behind a token (for regenerating its images); InvalidToken if unknown."""
+        """The pair behind a token (for rendering its images); InvalidToken if unknown."""
         row = self._conn().execute(
-            "SELECT token, prompt, seed, steps, method_left, method_right FROM pairs "
+            "SELECT token, prompt, seed, steps, method_left, method_right, seed_slot, "
+            "COALESCE(steps_left, steps), COALESCE(steps_right, steps), rowid FROM pairs "
             "WHERE token = ?", (token,)).fetchone()
         if row is None:
             raise InvalidToken("unknown vote token: it was never issued (forged or mistyped)",
                                "unknown")
         return Pair(*row)
 
-    def record_vote(self, token: str, choice: str, voter_id: str) -> Vote:
+    # ------------------------------------------------------------------ votes
+    def record_vote(self, token: str, choice: str, voter_id: str, voter_kind: str = "session",
+                    ip: str | None = None, new_voters_per_hour: int | None = None,
+                    votes_per_minute: int | None = None) -> Vote:
         """Redeem a token: mark its pair used and store the vote, atomically.
 
         Args:
-            token: the token of a pair from :meth:`issue_pair`.
+            token: the token of a pair from :meth:`issue_pair` / :meth:`next_pair`.
             choice: 'A' (left), 'B' (right), 'tie' or 'both_bad'.
-            voter_id: e.g. a session or user id; stored only as a salted hash.
-        Returns:
-            The stored vote, with the revealed method names.
+            voter_id: a login, a signed-cookie id or a session id; stored only as a salted hash.
+            voter_kind: 'login', 'cookie' or 'session'.
+            ip: the client's address (only its salted hash is stored), for the limits.
+            new_voters_per_hour, votes_per_minute: limits per IP hash (None: no limit).
         Raises:
-            ValueError: bad choice or voter id. InvalidToken: unknown or used token.
+            ValueError: bad choice, kind or voter id. InvalidToken: unknown or used token.
+            RateLimited: a limit was reached; nothing is stored and the token stays usable.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {list(CHOICES)}, got {choice!r}")
+        if voter_kind not in VOTER_KINDS:
+            raise ValueError(f"voter_kind must be one of {list(VOTER_KINDS)}, got {voter_kind!r}")
         if not isinstance(token, str) or not token:
             raise InvalidToken(f"vote token must be a non-empty string, got {token!r}", "unknown")
         voter_hash = self.voter_hash(voter_id)
+        ip_hash = self.ip_hash(ip) if ip else ""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute(
-                "SELECT prompt, seed, steps, method_left, method_right, used FROM pairs "
-                "WHERE token = ?", (token,)).fetchone()
+                "SELECT prompt, seed_slot, steps, method_left, method_right, used, issued_at "
+                "FROM pairs WHERE token = ?", (token,)).fetchone()
             if row is None:
                 raise InvalidToken("unknown vote token: it was never issued "
                                    "(forged or mistyped)", "unknown")
             if row[5]:
                 raise InvalidToken("vote token already used: each shown pair takes one vote",
                                    "used")
-            conn.execute("UPDATE pairs SET used = 1 WHERE token = ?", (token,))
+            self._check_limits(conn, voter_hash, voter_kind, ip_hash, new_voters_per_hour,
+                               votes_per_minute)
             created = _now()
+            decide = (datetime.fromisoformat(created) - datetime.fromisoformat(row[6])
+                      ).total_seconds()
+            conn.execute("UPDATE pairs SET used = 1 WHERE token = ?", (token,))
             cur = conn.execute(
                 "INSERT INTO votes (token, prompt, seed, steps, method_a, method_b, choice, "
-                "voter_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (token, *row[:5], choice, voter_hash, created))
+                "voter_hash, created_at, voter_kind, decide_seconds, ip_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (token, *row[:5], choice, voter_hash, created, voter_kind, decide, ip_hash))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return Vote(cur.lastrowid, token, *row[:5], choice, voter_hash, created)
+        return Vote(cur.lastrowid, token, *row[:5], choice, voter_hash, voter_kind, created,
+                    decide)
+
+    def _check_limits(self, conn, voter_hash: str, kind: str, ip_hash: str,
+                      new_per_hour: int | None, per_minute: int | None) -> None:
+        """Register a new voter (limited per IP hash) and cap votes per IP hash."""
+        if ip_hash and per_minute is not None:
+            recent = conn.execute("SELECT COUNT(*) FROM votes WHERE ip_hash = ? AND created_at > ?",
+                                  (ip_hash, _ago(60))).fetchone()[0]
+            if recent >= per_minute:
+                raise RateLimited(f"too many votes from this network address ({recent} in the "
+                                  "last minute); wait a minute")
+        if conn.execute("SELECT 1 FROM voters WHERE voter_hash = ?", (voter_hash,)).fetchone():
+            return
+        if ip_hash and new_per_hour is not None:
+            fresh = conn.execute("SELECT COUNT(*) FROM voters WHERE ip_hash = ? AND first_seen > ?",
+                                 (ip_hash, _ago(3600))).fetchone()[0]
+            if fresh >= new_per_hour:
+                raise RateLimited(f"too many new voters from this network address ({fresh} in the "
+                                  "last hour): keep voting in the same browser, or try later")
+        conn.execute("INSERT INTO voters (voter_hash, voter_kind, ip_hash, first_seen) "
+                     "VALUES (?, ?, ?, ?)", (voter_hash, kind, ip_hash, _now()))
 
     def votes_frame(self) -> pd.DataFrame:
-        """All votes, oldest first, with columns VOTE_COLUMNS."""
-        rows = self._conn().execute(
-            f"SELECT {', '.join(VOTE_COLUMNS)} FROM votes ORDER BY id").fetchall()
+        """All votes, oldest first, with the pair's provenance: columns VOTE_COLUMNS."""
+        rows = self._conn().execute(_VOTES_SQL).fetchall()
         return pd.DataFrame(rows, columns=VOTE_COLUMNS)
 
+    def pairs_frame(self) -> pd.DataFrame:
+        """Every issued pair (voted or skipped), oldest first: columns EXPORT_COLUMNS."""
+        rows = self._conn().execute(_EXPORT_SQL).fetchall()
+        return pd.DataFrame(rows, columns=EXPORT_COLUMNS)
+
     def export_csv(self, path: str | Path) -> Path:
-        """Write all votes as CSV (via a temp file, then rename); return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        self.votes_frame().to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        return path
+        """Write every pair (skipped ones too) as CSV plus ``<name>.columns.md`` documenting
+        the columns (temp file, then rename); return the CSV's path."""
+        return write_export(self.pairs_frame(), Path(path))
+
+
+_VOTES_SQL = """
+SELECT v.id, p.rowid, v.token, v.prompt, p.seed_slot, v.steps,
+       COALESCE(p.steps_left, v.steps), COALESCE(p.steps_right, v.steps),
+       v.method_a, v.method_b, v.choice, v.voter_hash, v.voter_kind, v.created_at,
+       v.decide_seconds, p.base_model, p.config_hash
+FROM votes v JOIN pairs p ON p.token = v.token ORDER BY v.id"""
+
+_EXPORT_SQL = """
+SELECT p.rowid, CASE WHEN v.id IS NULL THEN 'skipped' ELSE 'voted' END, p.issued_at,
+       COALESCE(v.created_at, ''), v.decide_seconds, p.prompt, p.seed_slot, p.steps,
+       p.method_left, COALESCE(p.steps_left, p.steps), p.adapter_left, p.hash_left,
+       p.method_right, COALESCE(p.steps_right, p.steps), p.adapter_right, p.hash_right,
+       COALESCE(v.choice, ''),
+       CASE v.choice WHEN 'A' THEN p.method_left WHEN 'B' THEN p.method_right ELSE '' END,
+       COALESCE(v.voter_hash, ''), COALESCE(v.voter_kind, ''), p.viewer_hash, p.base_model,
+       p.code_version, p.config_hash, p.methods_rotation, p.schedule
+FROM pairs p LEFT JOIN votes v ON v.token = p.token ORDER BY p.rowid"""

@@ -306,13 +306,13 @@ def test_concurrent_votes_stored_once(handlers):
 
 
 def test_results_and_csv(handlers, tmp_path):
-    from compare_tab.study import results
+    from compare_tab.study_results import compute
 
-    table = results(handlers.store)
-    assert {"method", "steps", "win_rate", "ci_low", "ci_high", "bt_score"} <= set(table.columns)
-    assert "all" in set(table.steps)
+    res = compute(handlers.store, handlers.config, n_boot=100)
+    assert {"method", "steps", "strength", "ci_low", "ci_high"} <= set(res.strengths.columns)
+    assert "all" not in set(res.strengths.steps)  # strengths only within a step count
     path = handlers.store.export_csv(tmp_path / "votes.csv")
-    assert path.read_text().startswith("id,token,prompt")
+    assert path.read_text().startswith("pair_id,status,shown_at")  # more in tests/study
 
 
 # ---------------------------------------------------------------------- routes
