@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hypersd_core.distill import schedule as S
+from hypersd_core.distill.optim import OwnStep
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -92,34 +93,46 @@ class AdversarialTerm:
         self.disc = TeacherFeatureDiscriminator(unet, hidden).to(unet.device)
         self.optimizer = torch.optim.AdamW(self.disc.heads.parameters(), lr=lr,
                                            betas=(0.0, 0.999), weight_decay=0.0)
+        # loss scaling under fp16, gradients averaged over processes
+        self.own_step = OwnStep(self.optimizer, list(self.disc.heads.parameters()))
         self.ac = alphas_cumprod
         self.T = num_train_timesteps
         self._pending: tuple | None = None
 
-    def generator_loss(self, fake_edge, real_edge, edge, k, embeds, generator):
-        """Re-noise real and fake from the segment edge to t', score the fake. ([B], logs)"""
+    def generator_loss(self, fake_edge, real_x0, edge, k, embeds, generator):
+        """Re-noise the fake (the student's jump to the segment edge) from the edge to t',
+        noise the real (clean training latents of the same prompts) straight to t', each
+        with its own noise, and score the fake. ([B], logs)
+
+        Real is data, not the consistency target: a "real" made from the student's own
+        target with the fake's noise differs from the fake only by the consistency
+        error, so the discriminator had nothing to learn (hinge loss stayed at 2).
+        """
         t = renoise_time(edge, k, self.T, generator)
-        noise = torch.randn(fake_edge.shape, generator=generator).to(fake_edge.device)
+        device = fake_edge.device
+        noise_fake = torch.randn(fake_edge.shape, generator=generator).to(device)
+        noise_real = torch.randn(fake_edge.shape, generator=generator).to(device)
         a_edge, a_t = S.alpha_bar(self.ac, edge), S.alpha_bar(self.ac, t)
-        fake_t = S.renoise(fake_edge, noise, a_edge, a_t)
-        real_t = S.renoise(real_edge.detach(), noise, a_edge, a_t)
+        fake_t = S.renoise(fake_edge, noise_fake, a_edge, a_t)
+        real_t = S.add_noise(real_x0.detach().to(fake_t.dtype), noise_real, a_t)
         self._pending = (real_t.detach(), fake_t.detach(), t, embeds)
         g = hinge_g_loss(self.disc.logits(fake_t, t, embeds))
         return g, {"loss_adv_g": g.mean().item()}
 
     def discriminator_step(self) -> dict[str, float]:
-        """One hinge-loss step of the heads on the last batch's real and fake samples."""
+        """One hinge-loss step of the heads on the last batch's real and fake samples;
+        logs the loss (chance: 2) and the share of real / fake it classifies right."""
         if self._pending is None:
             return {}
         real_t, fake_t, t, embeds = self._pending
         self._pending = None
-        self.optimizer.zero_grad(set_to_none=True)
-        d = hinge_d_loss(self.disc.logits(real_t, t, embeds),
-                         self.disc.logits(fake_t, t, embeds)).mean()
-        d.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss_adv_d": d.item()}
+        real_logits = self.disc.logits(real_t, t, embeds)
+        fake_logits = self.disc.logits(fake_t, t, embeds)
+        d = hinge_d_loss(real_logits, fake_logits).mean()
+        self.own_step(d)
+        return {"loss_adv_d": d.item(),
+                "adv_acc_real": (real_logits > 0).float().mean().item(),
+                "adv_acc_fake": (fake_logits < 0).float().mean().item()}
 
     def state_dict(self) -> dict:
         return {"heads": self.disc.heads.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -22,6 +22,7 @@ import dataclasses
 import torch
 
 from hypersd_core.distill import schedule as S
+from hypersd_core.distill.optim import OwnStep
 
 FAKE = "fake"  # adapter name of the fake score
 DM_T_RANGE = (20, 980)  # DMD2: min_step = 0.02 T, max_step = 0.98 T
@@ -99,6 +100,7 @@ class DMDStage:
         self.step = 0
         self.fake_params: list[torch.nn.Parameter] = []
         self.fake_optimizer: torch.optim.Optimizer | None = None
+        self.fake_step: OwnStep | None = None
 
     # ---------------------------------------------------------------- setup and state
     def setup(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
@@ -109,6 +111,7 @@ class DMDStage:
                                     adapter_name=FAKE)
         self.fake_optimizer = torch.optim.AdamW(self.fake_params, lr=self.cfg.fake_lr,
                                                 weight_decay=0.0)
+        self.fake_step = OwnStep(self.fake_optimizer, self.fake_params, self.cfg.grad_clip)
         self.unet.set_adapter("student")
         return params
 
@@ -171,11 +174,7 @@ class DMDStage:
         try:
             eps = S.predictions(self._out(x_t, t, batch.embeds), x_t, a_t, self.pred_type)[1]
             loss = fake_score_loss(eps, noise).mean()
-            self.fake_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.fake_params, self.cfg.grad_clip)
-            self.fake_optimizer.step()
-            self.fake_optimizer.zero_grad(set_to_none=True)
+            self.fake_step(loss)  # loss scaling (fp16), all-reduce, clip, step
         finally:
             self.unet.set_adapter("student")
         return {"loss_fake": loss.item()}

@@ -56,6 +56,18 @@ def latents_to_unit(decoded: torch.Tensor) -> torch.Tensor:
     return ((decoded.float() + 1) / 2).clamp(0, 1)
 
 
+def split_nonfinite(images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images with non-finite samples set to 0, [B] mask of those samples).
+
+    A decode that overflowed (NaN/inf) must make a non-finite loss, which the trainer
+    counts and skips, not an error inside a reward model.
+    """
+    bad = ~torch.isfinite(images01).flatten(1).all(1)
+    clean = torch.where(bad.view(-1, *[1] * (images01.dim() - 1)),
+                        torch.zeros_like(images01), images01)
+    return clean, bad
+
+
 def lora_file_rank(path: str | Path) -> int:
     """Rank of a LoRA file (its lora_A / lora.down rows)."""
     from safetensors import safe_open
@@ -133,9 +145,11 @@ class FeedbackLosses:
 
     def reward_loss(self, images01: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
         """Weighted hinge loss of the rewards on decoded images. ([B], logs)"""
+        images01, bad = split_nonfinite(images01)
         scores = {name: r.score(images01, prompts) for name, r in self.rewards.items()}
         loss = weighted_reward_loss(scores, self.cfg.rewards, self.cfg.reward_alpha,
                                     self.cfg.reward_alphas)
+        loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
         logs = {f"train_reward/{n}": s.mean().item() for n, s in scores.items()}
         logs["loss_reward"] = loss.mean().item()
         return loss, logs
@@ -146,6 +160,7 @@ class FeedbackLosses:
             raise ValueError("perceptual_weight > 0 needs ground-truth masks and labels in the "
                              "data (the digits world has them; an image folder does not): set "
                              "perceptual_weight=0")
+        images01, bad = split_nonfinite(images01)
         if self.cfg.perceptual_backend == "digits":
             loss = self.perception.loss_tensors(images01, batch.masks, batch.labels)
         else:
@@ -153,6 +168,7 @@ class FeedbackLosses:
 
             targets = [mask_to_target(m, int(lab) + 1) for m, lab in zip(batch.masks, batch.labels)]
             loss = self.perception.loss(images01, targets)
+        loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
         return loss, {"loss_perceptual": loss.mean().item()}
 
 

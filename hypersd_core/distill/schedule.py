@@ -101,12 +101,29 @@ def renoise(x_s: torch.Tensor, noise: torch.Tensor, a_s: torch.Tensor,
     return _b(ratio.sqrt(), x_s) * x_s + _b((1 - ratio).clamp(min=0).sqrt(), x_s) * noise
 
 
+def draw(fn, *args, generator: torch.Generator | None = None,
+         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+         **kwargs) -> torch.Tensor:
+    """A random draw ``fn(*args)`` (torch.rand, randn, randint, ...) made on the
+    generator's device and then moved to ``device``.
+
+    A CPU generator cannot fill a CUDA tensor ("Expected a 'cuda' device type for
+    generator"), and drawing where the generator lives gives the same numbers on every
+    device. Every draw that needs both a generator and a device goes through here.
+    """
+    where = generator.device if generator is not None else device
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    out = fn(*args, generator=generator, device=where, **kwargs)
+    return out if device is None else out.to(device)
+
+
 def offset_noise(noise: torch.Tensor, strength: float, generator=None) -> torch.Tensor:
     """Offset-noise perturbation (Hyper-SD's "noise perturbation"): add a per-channel constant."""
     if strength == 0:
         return noise
-    offset = torch.randn(noise.shape[0], noise.shape[1], *[1] * (noise.dim() - 2),
-                         generator=generator, device=noise.device, dtype=noise.dtype)
+    offset = draw(torch.randn, (noise.shape[0], noise.shape[1], *[1] * (noise.dim() - 2)),
+                  generator=generator, device=noise.device, dtype=noise.dtype)
     return noise + strength * offset
 
 

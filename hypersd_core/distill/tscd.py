@@ -20,7 +20,7 @@ def sample_t_end(t_prev: torch.Tensor, edge: torch.Tensor, mode: str,
         return edge.clone()
     if mode != "uniform":
         raise ValueError(f"t_end mode must be 'uniform' or 'edge', got {mode!r}")
-    u = torch.rand(t_prev.shape, generator=generator, device=t_prev.device)
+    u = S.draw(torch.rand, t_prev.shape, generator=generator, device=t_prev.device)
     return edge + torch.floor(u * (t_prev - edge + 1)).long()
 
 
@@ -46,12 +46,29 @@ def teacher_ddim_step(x_t: torch.Tensor, out_cond: torch.Tensor, out_uncond: tor
     return S.ddim_jump(x0, eps, a_prev)
 
 
+def edge_weight(a_t: torch.Tensor, a_end: torch.Tensor) -> torch.Tensor:
+    """d x_end / d x0 of a DDIM jump t -> end at fixed x_t (eps = (x_t - sqrt(a_t) x0) /
+    sqrt(1 - a_t)): sqrt(a_e) - sqrt(1 - a_e) sqrt(a_t / (1 - a_t)). A student's x0 error
+    reaches the edge-space loss multiplied by its square: about 0.005 in k=8's first
+    segment against about 0.9 in the last. [B]"""
+    return a_end.sqrt() - (1 - a_end).sqrt() * (a_t / (1 - a_t)).sqrt()
+
+
 def tscd_loss(student_x0: torch.Tensor, student_eps: torch.Tensor, x_end_target: torch.Tensor,
-              a_end: torch.Tensor, kind: str = "mse", huber_c: float = 0.001) -> torch.Tensor:
+              a_end: torch.Tensor, kind: str = "mse", huber_c: float = 0.001,
+              a_t: torch.Tensor | None = None, scale_min: float = 0.0) -> torch.Tensor:
     """TSCD target, Hyper-SD Algorithm 1: d(student jump t_n -> t_end, target jump
-    t_{n-1} -> t_end); the student jumps by DDIM with its own x0/eps predictions. [B]"""
+    t_{n-1} -> t_end); the student jumps by DDIM with its own x0/eps predictions. [B]
+
+    With ``a_t`` (alpha_bar at t_n) and ``scale_min`` > 0 the distance is divided by
+    max(edge_weight^2, scale_min): the loss of x0 errors on one scale for every segment
+    (as LCM's and TCD's losses are), instead of edge space.
+    """
     x_end_student = S.ddim_jump(student_x0, student_eps, a_end)
-    return distance(x_end_student, x_end_target.detach(), kind, huber_c)
+    d = distance(x_end_student, x_end_target.detach(), kind, huber_c)
+    if a_t is not None and scale_min > 0:
+        d = d / edge_weight(a_t.float(), a_end.float()).square().clamp(min=scale_min)
+    return d
 
 
 def target_jump(x_prev: torch.Tensor, target_x0: torch.Tensor, target_eps: torch.Tensor,
@@ -60,6 +77,17 @@ def target_jump(x_prev: torch.Tensor, target_x0: torch.Tensor, target_eps: torch
     jumped = S.ddim_jump(target_x0, target_eps, a_end)
     clean = (t_prev < 0).view(-1, *[1] * (x_prev.dim() - 1))
     return torch.where(clean, x_prev, jumped)
+
+
+def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor,
+                    last_layer: torch.nn.Parameter, max_ratio: float = 10.0) -> torch.Tensor:
+    """Dynamic weighting of the adversarial term (VQGAN, Esser et al. 2021, eq. 7):
+    ||grad_L rec|| / (||grad_L adv|| + 1e-4) at the last layer L, clamped to
+    [0, max_ratio] and detached, so the adversarial gradient there is as large as the
+    consistency gradient times adv_weight whatever the two losses' raw scales."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_ratio).detach()
 
 
 def lcm_consistency(x_t, x0_pred, t) -> torch.Tensor:
@@ -182,17 +210,30 @@ class ConsistencyStage:
         t_end = sample_t_end(t_prev, edge, cfg.t_end, generator)
         a_end = S.alpha_bar(self.ac, t_end)
         x_end_target = target_jump(x_prev, g_x0, g_eps, t_prev, a_end)
-        loss = tscd_loss(s_x0, s_eps, x_end_target, a_end, cfg.distance, cfg.huber_c)
+        scale_min = cfg.loss_scale_min if cfg.loss_scale == "x0" else 0.0
+        loss = tscd_loss(s_x0, s_eps, x_end_target, a_end, cfg.distance, cfg.huber_c,
+                         a_t=a_n, scale_min=scale_min)
         logs["loss_consistency"] = loss.mean().item()
         if self.discriminator is not None and cfg.adv_weight > 0:
             a_edge = S.alpha_bar(self.ac, edge)
-            fake = S.ddim_jump(s_x0, s_eps, a_edge)
-            real = target_jump(x_prev, g_x0, g_eps, t_prev, a_edge)
+            fake = S.ddim_jump(s_x0, s_eps, a_edge)  # the student's jump to the segment edge
             adv, d_logs = self.discriminator.generator_loss(
-                fake, real, edge, k, batch.embeds, generator)
-            loss = loss + cfg.adv_weight * adv
+                fake, x0, edge, k, batch.embeds, generator)  # real: training latents
+            weight = cfg.adv_weight
+            if cfg.adv_dynamic:
+                ratio = adaptive_weight(loss.mean(), adv.mean(), self.last_layer(),
+                                        cfg.adv_dynamic_max)
+                weight = weight * ratio
+                d_logs["adv_dynamic_ratio"] = float(ratio)
+            loss = loss + weight * adv
             logs.update(d_logs)
         return loss, logs
+
+    def last_layer(self) -> torch.nn.Parameter:
+        """The student's trainable tensor closest to the output (VQGAN's "last layer")."""
+        if not self.params:
+            raise RuntimeError("adv_dynamic needs the student's parameters (call setup first)")
+        return self.params[-1]
 
     def score_samples(self, images, prompts: list[str]) -> dict[str, float]:
         """Reward scores of the fixed sample grid (digits world: quality and alignment)."""

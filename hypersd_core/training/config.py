@@ -18,6 +18,7 @@ PERCEPTUAL_BACKENDS = ("digits", "maskrcnn", "solo")
 TSCD_CHAIN = (8, 4, 2, 1)
 NUM_TIMESTEPS = 1000  # the training schedule every supported model uses (T)
 MAX_SEED = 2**32 - 1
+FROZEN_DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -51,6 +52,11 @@ class StageConfig:
     adv_weight: float = 0.0
     adv_lr: float = 1e-5
     adv_hidden: int = 64
+    adv_real: str = "data"  # the discriminator's "real": training latents noised to the edge
+    adv_dynamic: bool = False  # scale the adversarial term by VQGAN's last-layer grad-norm ratio
+    adv_dynamic_max: float = 10.0  # clamp of that ratio
+    loss_scale: str = "none"  # "none" (edge space) or "x0": divide by the clamped d x_edge / d x0 squared
+    loss_scale_min: float = 0.01  # clamp of that squared weight
     # LoRA and optimisation
     lora_rank: int = 16
     lora_alpha: float = 16.0
@@ -61,7 +67,9 @@ class StageConfig:
     batch_size: int = 32
     grad_accum: int = 1
     steps: int = 500
-    mixed_precision: str = "no"  # "no", "fp16", "bf16" (GPU)
+    mixed_precision: str = "no"  # "no", "fp16" (CUDA, loss-scaled), "bf16" (autocast)
+    frozen_dtype: str = "auto"  # frozen UNet/VAE/text weights: "auto" (CUDA: as mixed_precision; CPU: fp32), fp32, fp16, bf16
+    gradient_checkpointing: str = "auto"  # "auto" (on with CUDA), "on", "off"; UNet, and VAE for feedback/DMD
     seed: int = 0
     max_nonfinite: int = 5
     # feedback (ReFL) and perceptual losses
@@ -118,8 +126,19 @@ class StageConfig:
         need(self.target in ("online", "ema"), f"target must be 'online' or 'ema', got {self.target!r}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.adv_weight >= 0, f"adv_weight must be >= 0, got {self.adv_weight}")
+        need(self.adv_real == "data", f"adv_real must be 'data', got {self.adv_real!r}")
+        need(self.adv_dynamic_max > 0, f"adv_dynamic_max must be > 0, got {self.adv_dynamic_max}")
+        need(self.loss_scale in ("none", "x0"), f"loss_scale must be 'none' or 'x0', got {self.loss_scale!r}")
+        need(0 < self.loss_scale_min <= 1, f"loss_scale_min must be in (0, 1], got {self.loss_scale_min}")
         need(self.mixed_precision in ("no", "fp16", "bf16"),
              f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        need(self.frozen_dtype in FROZEN_DTYPES,
+             f"frozen_dtype must be one of {FROZEN_DTYPES}, got {self.frozen_dtype!r}")
+        need(self.frozen_dtype not in ("fp16", "bf16") or self.mixed_precision != "no",
+             f"frozen_dtype={self.frozen_dtype} needs mixed_precision=bf16 or fp16 (autocast "
+             "runs the fp32 LoRA over half-precision weights)")
+        need(self.gradient_checkpointing in ("auto", "on", "off"),
+             f"gradient_checkpointing must be 'auto', 'on' or 'off', got {self.gradient_checkpointing!r}")
         need(self.num_solver_steps >= 1 and 1000 % self.num_solver_steps == 0,
              f"num_solver_steps must divide T=1000, got {self.num_solver_steps}")
         if self.stage == "tscd":

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
+from hypersd_core.distill.optim import all_reduce_grads
 from hypersd_core.training.config import StageConfig
-from hypersd_core.training.runs import Run
+from hypersd_core.training.runs import Run, RunLockedError
 
 STUDENT = "student"
 
@@ -118,6 +119,72 @@ def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage) -> tuple[int, int]
     return int(extra["step"]), int(extra["nonfinite"])
 
 
+def _resume_state(run: Run, unet, optimizer, lr_sched, stage) -> tuple[int, int]:
+    """Load the newest intact checkpoint: one that fails its checksums or does not load is
+    skipped with a warning naming it (kept in status.json); (0, 0) when there is none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = run.checkpoints()
+        for ckpt in reversed(found):
+            try:
+                state = _load_state(ckpt, unet, optimizer, lr_sched, stage)
+            except Exception as err:  # e.g. a manifest without checksums over a bad file
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"skipping checkpoint {ckpt}: it does not load "
+                              f"({type(err).__name__}: {first})", stacklevel=2)
+                continue
+            break
+        else:
+            state = None
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    if state is None and notes:
+        raise RuntimeError(f"no intact checkpoint to resume {run.dir} from ({'; '.join(notes)})")
+    if notes:
+        run.write_status(warning="; ".join(notes) + f"; resumed from step {state[0]}")
+    return state or (0, 0)
+
+
+def _weights_finite(unet) -> bool:
+    from hypersd_core.models.lora import lora_state_dict
+
+    return all(bool(torch.isfinite(v).all()) for v in lora_state_dict(unet, STUDENT).values())
+
+
+def frozen_dtype(cfg: StageConfig, use_cuda: bool) -> torch.dtype:
+    """The dtype of the frozen weights (UNet, VAE, text encoders); LoRAs stay fp32.
+
+    ``auto``: on CUDA the half type of ``mixed_precision`` (fp32 with "no"), fp32 on
+    the CPU. Setting it (e.g. bf16 with mixed_precision=bf16) runs the GPU's dtype path
+    on the CPU.
+    """
+    name = cfg.frozen_dtype
+    if name == "auto":
+        name = cfg.mixed_precision if use_cuda and cfg.mixed_precision != "no" else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def checkpointing_on(cfg: StageConfig, use_cuda: bool) -> bool:
+    """Gradient checkpointing: ``auto`` is on with CUDA, off on the CPU."""
+    return cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and use_cuda)
+
+
+# stages that decode latents with gradients through the VAE
+VAE_GRAD_STAGES = ("feedback", "dmd")
+
+
+def enable_checkpointing(backbone, cfg: StageConfig, use_cuda: bool) -> bool:
+    """UNet gradient checkpointing, and the VAE's for stages that decode with gradients
+    (an SDXL 1024^2 decode with gradients alone holds ~19 GiB of activations)."""
+    if not checkpointing_on(cfg, use_cuda):
+        return False
+    backbone.unet.enable_gradient_checkpointing()
+    if cfg.stage in VAE_GRAD_STAGES:
+        backbone.vae.enable_gradient_checkpointing()
+    return True
+
+
 # stages that keep init_adapter as a separate frozen adapter under a new student LoRA
 SEPARATE_INIT_STAGES = ("feedback",)
 
@@ -136,19 +203,41 @@ def setup_student(backbone, cfg: StageConfig) -> list[torch.nn.Parameter]:
 
 
 def train(run_dir: str | Path, resume: bool = False) -> dict:
-    """Train the run in ``run_dir`` to completion, a stop request, or an error."""
+    """Train the run in ``run_dir`` to completion, a stop request, or an error.
+
+    The process owns the folder meanwhile (RunLockedError naming the holder's PID when
+    another process does); any failure leaves status.json "failed" with the reason.
+    """
+    run = Run(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.dir} is not a run folder (no config.yaml)")
+    lock = run.lock() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _train(run, resume)
+    except (Exception, KeyboardInterrupt) as err:
+        if lock is not None and run.status().get("state") in ("queued", "running", "stopping"):
+            run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(run: Run, resume: bool) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from hypersd_core.models.backbone import load_backbone
     from hypersd_core.models.lora import save_lora
-    from hypersd_core.training.data import make_data
+    from hypersd_core.training.data import DataOptions, make_data
 
-    run = Run(run_dir)
     cfg = run.config()
     use_cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not use_cuda,
-                              mixed_precision=cfg.mixed_precision if use_cuda else "no")
+    if cfg.mixed_precision == "fp16" and not use_cuda:
+        raise ValueError("mixed_precision=fp16 needs a CUDA GPU (its loss scaling is CUDA's); "
+                         "use mixed_precision=bf16 or no on the CPU")
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision=cfg.mixed_precision)
+    scaler = accelerator.scaler  # a GradScaler under fp16 (loss scaling), else None
     main = accelerator.is_main_process
     stop = {"flag": False}
 
@@ -162,15 +251,15 @@ def train(run_dir: str | Path, resume: bool = False) -> dict:
         run.write_status(state="running", pid=os.getpid(), step=0, total=cfg.steps, error=None,
                          device=str(accelerator.device), processes=accelerator.num_processes)
     try:
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            accelerator.mixed_precision, torch.float32)
-        backbone = load_backbone(cfg.model, device=str(accelerator.device), dtype=weight_dtype)
+        backbone = load_backbone(cfg.model, device=str(accelerator.device),
+                                 dtype=frozen_dtype(cfg, use_cuda))
         torch.manual_seed(cfg.seed)
         params = setup_student(backbone, cfg)
         stage = make_stage(cfg, backbone)
         if hasattr(stage, "setup"):  # a stage's own adapters (feedback: frozen TSCD; DMD: fake score)
             params = stage.setup(params)
-        data = make_data(backbone, cfg.data)
+        enable_checkpointing(backbone, cfg, use_cuda)
+        data = make_data(backbone, cfg.data, DataOptions.from_config(cfg))
     except Exception as err:  # before the loop: no state to save, but say why
         if main:
             run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
@@ -181,19 +270,25 @@ def train(run_dir: str | Path, resume: bool = False) -> dict:
 
     step, nonfinite = 0, 0
     if resume:
-        ckpt = run.latest_checkpoint()
-        if ckpt is not None:
-            step, nonfinite = _load_state(ckpt, backbone.unet, optimizer, lr_sched, stage)
+        step, nonfinite = _resume_state(run, backbone.unet, optimizer, lr_sched, stage)
         if main:
             run.truncate_metrics(step)
             run.stop_path.unlink(missing_ok=True)
+            run.write_status(step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.stage}{cfg.k if cfg.stage == 'tscd' else ''}",
                disable=not main, dynamic_ncols=True)
     t_start, step_start = time.perf_counter(), step
     rank = accelerator.process_index
-    save = lambda s: run.save_checkpoint(  # noqa: E731
-        s, lambda tmp: _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite),
-        cfg.keep_checkpoints)
+    def save(s: int) -> Path | None:
+        """A checkpoint at step ``s``; never one whose weights are non-finite (None then)."""
+        if not _weights_finite(backbone.unet):
+            print(f"warning: no checkpoint written at step {s}: the student's weights are "
+                  "non-finite", file=sys.stderr, flush=True)
+            return None
+        return run.save_checkpoint(
+            s, lambda tmp: _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite),
+            cfg.keep_checkpoints)
+
     try:
         while step < cfg.steps:
             if stop["flag"] or run.stop_requested():
@@ -201,68 +296,90 @@ def train(run_dir: str | Path, resume: bool = False) -> dict:
             generator = _step_generator(cfg, step, rank)
             logs: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
+            total = torch.zeros((), device=accelerator.device)
+            backpropagated = False  # the same on every process (a stage's schedule is by step)
             for _ in range(cfg.grad_accum):
                 batch = data.sample(cfg.batch_size, generator)
                 with accelerator.autocast():
                     loss, micro_logs = stage.loss(batch, generator)
+                logs.update(micro_logs)
                 if loss is None:  # e.g. a DMD critic-only step
-                    logs.update(micro_logs)
                     continue
                 loss = loss.float().mean() / cfg.grad_accum
-                loss.backward()
-                total += loss.item()
-                logs.update(micro_logs)
-            if accelerator.num_processes > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-                         if grads else 0.0)
-            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                accelerator.backward(loss)  # scaled under fp16
+                total += loss.detach()
+                backpropagated = True
+            if backpropagated:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                all_reduce_grads(params)  # flat buckets; no-op in one process
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                # one host sync per step: is the loss and the gradient finite?
+                loss_ok, grad_ok = torch.isfinite(torch.stack([total, grad_norm.float()])).tolist()
+            else:
+                grad_norm, loss_ok, grad_ok = torch.zeros(()), True, True
+            if scaler is not None and loss_ok and not grad_ok:
+                scaler.step(optimizer)  # the scaler skips this step and lowers its scale
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                logs["fp16_scale"] = scaler.get_scale()
+                loss_ok = grad_ok = True
+                backpropagated = False
+            if not (loss_ok and grad_ok):
                 nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
+                if scaler is not None and backpropagated:
+                    scaler.update()
                 if main:
                     run.log_metrics({"step": step + 1, "skipped_nonfinite": nonfinite})
                 if nonfinite >= cfg.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{nonfinite} non-finite losses in a row at step {step + 1}; lower lr "
-                        "or check the data (last good state is in checkpoints/)")
+                        "or check the data")
                 step += 1
                 continue
             nonfinite = 0
-            if grads:
-                optimizer.step()
+            if backpropagated:  # a step without gradients takes no optimizer step
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
             lr_sched.step()
-            if hasattr(stage, "after_step"):
-                logs.update(stage.after_step(step))
+            if hasattr(stage, "after_step"):  # e.g. the discriminator's step: same autocast
+                with accelerator.autocast():
+                    logs.update(stage.after_step(step))
             step += 1
             bar.update(1)
             if main and (step % cfg.log_every == 0 or step == cfg.steps):
                 elapsed = time.perf_counter() - t_start
                 its = (step - step_start) / max(elapsed, 1e-9)
-                record = {"step": step, "loss": total, "lr": lr_sched.get_last_lr()[0],
-                          "grad_norm": grad_norm, "it_s": its, **logs}
+                record = {"step": step, "loss": float(total), "lr": lr_sched.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "it_s": its, **logs}
+                record["data_skipped"] = getattr(data, "skipped", 0)  # unreadable samples so far
                 if use_cuda:
                     record["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 run.log_metrics(record)
                 run.write_status(step=step, it_s=its, eta_s=(cfg.steps - step) / max(its, 1e-9))
-                bar.set_postfix(loss=f"{total:.4g}")
+                bar.set_postfix(loss=f"{float(total):.4g}")
             if main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 images = sample_grid(backbone, cfg, run.samples_dir / f"step-{step:07d}.png")
                 if hasattr(stage, "score_samples"):
                     scores = stage.score_samples(images, cfg.sample_prompts)
                     if scores:
                         run.log_metrics({"step": step, **{f"reward/{k}": v for k, v in scores.items()}})
-            if main and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save(step)
-            accelerator.wait_for_everyone()
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                if main:
+                    save(step)
+                accelerator.wait_for_everyone()  # only here: no barrier in every step
     except Exception as err:
         if main:
             save(step)
-            run.write_status(state="failed", step=step, error=f"{type(err).__name__}: {err}")
+            last = run.latest_checkpoint()
+            where = f"last good checkpoint: {last}" if last else "no good checkpoint was written"
+            run.write_status(state="failed", step=step, error=f"{type(err).__name__}: {err}; {where}")
+            if isinstance(err, NonFiniteLossError):
+                raise NonFiniteLossError(f"{err}; {where}") from None
         raise
     finally:
         bar.close()
@@ -299,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status = train(args.run, resume=args.resume)
+    except (RunLockedError, FileNotFoundError, ValueError) as err:  # refused before training
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Exception:
         traceback.print_exc()
         return 1
