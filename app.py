@@ -20,6 +20,7 @@ import gradio as gr
 from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
 from compare_tab.study import study_middleware
 from compare_tab.study_results import build_study_results_tab
+from hypersd_core.app.limits import guard_decoder
 from hypersd_core.app.service import AppSettings, ModelService
 from hypersd_core.paths import ROOT
 from hypersd_core.study.store import StudyConfig, StudyStore
@@ -32,6 +33,7 @@ TITLE = "Hyper-SD Studio"
 def build_demo(settings: AppSettings, service: ModelService | None = None,
                store: StudyStore | None = None) -> gr.Blocks:
     """The whole app as a Blocks (not launched). ``service``/``store`` default to new ones."""
+    guard_decoder()  # PIL refuses decompression bombs at the app's pixel cap
     service = service or ModelService(settings.model)
     store = store or StudyStore(settings.study_db)
     config = StudyConfig.from_yaml(settings.study_config)
