@@ -160,6 +160,20 @@ def cmd_report(args) -> int:
     return report_main()
 
 
+def cmd_cache_data(args) -> int:
+    from hypersd_core.training.cache import cache_data
+    from hypersd_core.training.data import DataOptions
+
+    options = DataOptions(image_column=args.image_column, caption_column=args.caption_column,
+                          split=args.split, streaming=args.streaming)
+    m = cache_data(args.model, args.data, args.out, batch_size=args.batch_size,
+                   shard_size=args.shard_size, max_samples=args.max_samples, dtype=args.dtype,
+                   device=args.device, options=options)
+    print(f"cached {m['num_samples']} samples ({m['skipped']} unreadable skipped) in "
+          f"{len(m['shards'])} shard(s), {m['seconds']:.1f} s: {args.out} (train with data={args.out})")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rewrite README's results section from assets/results")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("cache-data", help="encode a data set once: VAE latents + prompt "
+                       "embeddings in safetensors shards, read by training with data=OUT")
+    p.add_argument("--model", default="digits", help="the model the cache is for (its VAE and text encoders)")
+    p.add_argument("--data", required=True, help="any training data setting (digits, image folder, "
+                   "datasets folder / parquet / hf:ID, webdataset shards)")
+    p.add_argument("--out", required=True, help="new cache folder")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--shard-size", type=_positive_int, default=4096, help="samples per shard")
+    p.add_argument("--max-samples", type=_positive_int, help="stop after this many samples")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored precision")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default="text")
+    p.add_argument("--split", default="train")
+    p.add_argument("--streaming", action="store_true", help="stream a datasets source")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(fn=cmd_cache_data)
 
     p = sub.add_parser("score", help="score images with a reward model")
     p.add_argument("--reward", required=True)

@@ -1,15 +1,27 @@
 """Training batches: image latents with their prompt embeddings.
 
-``digits``: the digits world's training split (never the held-out digits), with masks
-and labels for the perceptual loss. A folder: images plus ``metadata.jsonl`` lines
-``{"file_name": ..., "text": ...}`` (the Hugging Face imagefolder layout).
+``make_data(backbone, source, options)`` picks the source from ``source``:
+
+- ``digits``: the digits world's training split (never the held-out digits), with masks
+  and labels for the perceptual loss;
+- a folder with ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}`` (the Hugging
+  Face imagefolder layout);
+- a ``datasets`` dataset: a ``save_to_disk`` folder, a ``.parquet`` / ``.arrow`` file or
+  glob, or ``hf:owner/name`` (a hub id) - see training/datasets.py;
+- webdataset shards: a ``.tar`` file, a glob or a ``{000..099}`` range - training/datasets.py;
+- a cache folder written by ``cache-data`` (``cache.json``): VAE latents and prompt
+  embeddings read from safetensors shards, nothing encoded per step - training/cache.py.
+
+Images are resized (shorter side) and center-cropped to the model's resolution; SDXL gets
+each image's original size and crop offset in its ``add_time_ids``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,9 +37,83 @@ class Batch:
     embeds: PromptEmbeds
     uncond: PromptEmbeds
     prompts: list[str]
-    images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
+    images: torch.Tensor | None  # [B, 3, H, W] in [-1, 1]; None when read from a latent cache
     masks: torch.Tensor | None = None  # [B, H, W] bool (digits)
     labels: torch.Tensor | None = None  # [B] digit labels (digits)
+
+
+class Sample(NamedTuple):
+    """One prepared training example, as sources yield them to the cache pre-pass."""
+
+    image: torch.Tensor  # [3, res, res] in [-1, 1]
+    caption: str
+    original: tuple[int, int]  # (h, w) before resize (SDXL conditioning)
+    crop: tuple[int, int]  # (top, left) of the center crop
+    extras: dict  # per-sample tensors a stage may need (digits: masks, labels)
+
+
+@dataclass
+class DataOptions:
+    """How a ``datasets`` dataset or webdataset shards are read (StageConfig data_* fields)."""
+
+    image_column: str = "image"  # datasets column / webdataset extension ("image": jpg/png/webp)
+    caption_column: str = "text"  # datasets column / .json key; webdataset also reads .txt
+    split: str = "train"
+    streaming: bool = False  # datasets: stream instead of download/memory-map (large sets)
+    shuffle_buffer: int = 1000  # streamed sources: samples held for shuffling
+    rank: int | None = None  # process index / count; default from RANK / WORLD_SIZE
+    world_size: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg) -> DataOptions:
+        return cls(**{k: getattr(cfg, f"data_{k}") for k in
+                      ("image_column", "caption_column", "split", "streaming", "shuffle_buffer")
+                      if hasattr(cfg, f"data_{k}")})
+
+    def process(self) -> tuple[int, int]:
+        """(rank, world size) of this process: torchrun / accelerate set RANK and WORLD_SIZE."""
+        import os
+
+        rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
+        world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+        return rank, world
+
+
+def prepare_image(img: Image.Image, res: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """RGB, shorter side resized to ``res``, center crop: ([3,res,res] in [-1,1],
+    original (h, w), crop (top, left) in the resized image) - SDXL's size conditioning."""
+    img = img.convert("RGB")
+    original = (img.height, img.width)
+    scale = res / min(img.size)
+    img = img.resize((max(res, round(img.width * scale)), max(res, round(img.height * scale))),
+                     Image.BICUBIC)
+    left, top = (img.width - res) // 2, (img.height - res) // 2
+    img = img.crop((left, top, left + res, top + res))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)
+    return arr.permute(2, 0, 1), original, (top, left)
+
+
+def sdxl_time_ids(originals: list[tuple[int, int]], crops: list[tuple[int, int]], res: int,
+                  like: torch.Tensor) -> torch.Tensor:
+    """[B, 6] SDXL add_time_ids: original (h, w), crop (top, left), target (res, res)."""
+    rows = [[*o, *c, res, res] for o, c in zip(originals, crops)]
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+@torch.no_grad()
+def encode_batch(backbone: Backbone, images: torch.Tensor, prompts: list[str],
+                 originals: list[tuple[int, int]] | None = None,
+                 crops: list[tuple[int, int]] | None = None) -> Batch:
+    """Latents and prompt embeddings of prepared images (SDXL: per-image time ids)."""
+    images = images.to(backbone.device)
+    latents = backbone.encode_images(images).float()
+    embeds = backbone.encode_prompt(prompts)
+    uncond = backbone.encode_prompt(prompts, negative=True)
+    if embeds.time_ids is not None and originals is not None:
+        ids = sdxl_time_ids(originals, crops, backbone.resolution, embeds.time_ids)
+        embeds.time_ids, uncond.time_ids = ids, ids.clone()
+    return Batch(latents, embeds, uncond, list(prompts), images)
 
 
 class DigitsData:
@@ -60,6 +146,15 @@ class DigitsData:
                      [self.prompts[i] for i in p.tolist()], images,
                      self.data["masks"][idx].to(device), self.data["digits"][idx].to(device))
 
+    def __iter__(self):
+        """Every training example once (the cache pre-pass), this process's share."""
+        rank, world = DataOptions().process()
+        res = self.data["images"].shape[-1]
+        for i in range(rank, len(self), world):
+            p = int(self.prompt_ids[i])
+            yield Sample(self.data["images"][i], self.prompts[p], (res, res), (0, 0),
+                         {"masks": self.data["masks"][i], "labels": self.data["digits"][i]})
+
 
 class FolderData:
     """Images + captions from a folder with metadata.jsonl, resized to the model's size."""
@@ -79,32 +174,50 @@ class FolderData:
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load(self, item: dict) -> torch.Tensor:
-        res = self.backbone.resolution
-        img = Image.open(self.folder / item["file_name"]).convert("RGB")
-        scale = res / min(img.size)
-        img = img.resize((max(res, round(img.width * scale)), max(res, round(img.height * scale))),
-                         Image.BICUBIC)
-        left, top = (img.width - res) // 2, (img.height - res) // 2
-        img = img.crop((left, top, left + res, top + res))
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)
-        return arr.permute(2, 0, 1)
+        self.skipped = 0  # unreadable images, counted (metrics: data_skipped)
+
+    def _load(self, item: dict):
+        """(image, original size, crop) or None for an unreadable image."""
+        try:
+            with Image.open(self.folder / item["file_name"]) as img:
+                return prepare_image(img, self.backbone.resolution)
+        except (OSError, ValueError, KeyError):
+            self.skipped += 1
+            return None
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        idx = torch.randint(0, len(self), (batch_size,), generator=generator).tolist()
-        items = [self.items[i] for i in idx]
-        prompts = [it["text"] for it in items]
-        images = torch.stack([self._load(it) for it in items]).to(self.backbone.device)
-        with torch.no_grad():
-            latents = self.backbone.encode_images(images).float()
-        return Batch(latents, self.backbone.encode_prompt(prompts),
-                     self.backbone.encode_prompt(prompts, negative=True), prompts, images)
+        got = []
+        for _ in range(100):
+            idx = torch.randint(0, len(self), (batch_size - len(got),), generator=generator).tolist()
+            got += [(self.items[i]["text"], x) for i in idx if (x := self._load(self.items[i]))]
+            if len(got) == batch_size:
+                break
+        else:
+            raise ValueError(f"{self.folder}: no readable images in {self.skipped} tries")
+        return encode_batch(self.backbone, torch.stack([x[0] for _, x in got]),
+                            [p for p, _ in got], [x[1] for _, x in got], [x[2] for _, x in got])
+
+    def __iter__(self):
+        """Every readable image once, in order (the cache pre-pass): (image, caption, size, crop)."""
+        rank, world = DataOptions().process()
+        for item in self.items[rank::world]:
+            if (x := self._load(item)) is not None:
+                yield Sample(x[0], item["text"], x[1], x[2], {})
 
 
-def make_data(backbone: Backbone, source: str):
+def make_data(backbone: Backbone, source: str, options: DataOptions | None = None):
+    """The training source named by ``source`` (see the module docstring)."""
+    options = options or DataOptions()
     if source == "digits":
         if backbone.kind != "digits":
             raise ValueError("data='digits' needs the digits model; give a dataset folder "
                              f"for {backbone.kind}")
         return DigitsData(backbone)
-    return FolderData(backbone, source)
+    from hypersd_core.training import cache, datasets
+
+    path = Path(source).expanduser()
+    if (path / cache.MANIFEST).is_file():
+        return cache.CachedData(backbone, path, options)
+    if (path / "metadata.jsonl").is_file():
+        return FolderData(backbone, path)
+    return datasets.open_source(backbone, source, options)

@@ -1,0 +1,338 @@
+"""Captioned image sets at scale: ``datasets`` datasets and webdataset tar shards.
+
+Both yield prepared samples (resize + center crop, SDXL size/crop conditioning) and skip
+unreadable ones, counting them in ``skipped`` (the trainer logs it as ``data_skipped``).
+Each process of a multi-process run reads its own split: every ``world``-th row of a
+random-access dataset, ``split_dataset_by_node`` of a streamed one, every ``world``-th
+shard of a webdataset glob.
+
+- ``datasets``: a ``save_to_disk`` folder, ``.parquet`` / ``.arrow`` files (a path or a
+  glob), or ``hf:owner/name`` for a hub dataset (downloaded, or streamed with
+  ``data_streaming: true``). Image column: ``datasets.Image``, encoded bytes, or a path;
+  caption column: a string (or a list of strings: the first is used).
+- webdataset: ``.tar`` shards as LAION subsets ship them (``data/{00000..00099}.tar``,
+  ``data/*.tar`` or a folder of them): members ``KEY.jpg|png|webp`` plus ``KEY.txt`` or
+  ``KEY.json`` (caption under ``data_caption_column``, else ``caption`` / ``text``), read
+  with the standard library's ``tarfile``.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hypersd_core.models.backbone import Backbone
+from hypersd_core.training.data import Batch, DataOptions, Sample, encode_batch, prepare_image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_BAD_IN_A_ROW = 1000
+
+
+class DataSourceError(ValueError):
+    """A data setting that names nothing readable."""
+
+
+def _decode(value, res: int):
+    """An image cell (PIL image, {'bytes','path'} dict, bytes or a path) -> prepared image."""
+    if isinstance(value, Image.Image):
+        return prepare_image(value, res)
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        with Image.open(io.BytesIO(value)) as img:
+            return prepare_image(img, res)
+    if isinstance(value, str):
+        with Image.open(value) as img:
+            return prepare_image(img, res)
+    raise ValueError(f"unreadable image cell of type {type(value).__name__}")
+
+
+def _caption(value) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = value[0]
+    if not isinstance(value, str):
+        raise ValueError(f"caption is {type(value).__name__}, not text")
+    return value
+
+
+class _Source:
+    """Shared batching: collect ``batch_size`` good samples, skip and count the bad ones."""
+
+    backbone: Backbone
+    name: str
+
+    def __init__(self):
+        self.skipped = 0
+
+    def _good(self, raw_iter):
+        """Prepared Samples from raw (image cell, caption cell) pairs; bad ones counted."""
+        res, bad_run = self.backbone.resolution, 0
+        for image, caption in raw_iter:
+            try:
+                img, original, crop = _decode(image, res)
+                sample = Sample(img, _caption(caption), original, crop, {})
+            except Exception:  # any undecodable image or caption: skip it, never crash
+                self.skipped += 1
+                bad_run += 1
+                if bad_run >= MAX_BAD_IN_A_ROW:
+                    raise DataSourceError(
+                        f"{self.name}: {bad_run} unreadable samples in a row; check the image / "
+                        "caption column names (data_image_column, data_caption_column)") from None
+                continue
+            bad_run = 0
+            yield sample
+
+    @staticmethod
+    def batch_of(backbone: Backbone, samples: list[Sample]) -> Batch:
+        return encode_batch(backbone, torch.stack([s.image for s in samples]),
+                            [s.caption for s in samples], [s.original for s in samples],
+                            [s.crop for s in samples])
+
+
+class HFDataset(_Source):
+    """A Hugging Face ``datasets`` dataset: random rows (map-style) or a shuffled stream."""
+
+    def __init__(self, backbone: Backbone, source: str, options: DataOptions):
+        super().__init__()
+        self.backbone, self.name, self.options = backbone, source, options
+        self.rank, self.world = options.process()
+        ds = _load_dataset(source, options)
+        columns = list(ds.features) if ds.features is not None else None
+        for col in (options.image_column, options.caption_column):
+            if columns is not None and col not in columns:
+                raise DataSourceError(f"{source}: no column {col!r} (columns: {', '.join(columns)}); "
+                                      "set data_image_column / data_caption_column")
+        from datasets import Image as ImageFeature
+
+        if columns is not None and isinstance(ds.features[options.image_column], ImageFeature):
+            # decode ourselves, so a broken image is one skipped sample, not an exception
+            ds = ds.cast_column(options.image_column, ImageFeature(decode=False))
+        self.streaming = not hasattr(ds, "__len__")
+        if self.streaming:
+            from datasets.distributed import split_dataset_by_node
+
+            self.ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
+            self._stream, self._epoch = None, 0
+        else:
+            self.ds = ds
+            self.rows = list(range(self.rank, len(ds), self.world))
+            if not self.rows:
+                raise DataSourceError(f"{source}: no rows for process {self.rank} of {self.world}")
+
+    def __len__(self) -> int:
+        if self.streaming:
+            raise TypeError("a streamed dataset has no length")
+        return len(self.rows)
+
+    def _pairs(self, rows):
+        img_col, cap_col = self.options.image_column, self.options.caption_column
+        for row in rows:
+            yield row.get(img_col), row.get(cap_col)
+
+    def _next_stream(self):
+        while True:
+            if self._stream is None:
+                ds = self.ds.shuffle(seed=self._epoch, buffer_size=self.options.shuffle_buffer)
+                ds.set_epoch(self._epoch)
+                self._stream, self._got = self._good(self._pairs(iter(ds))), 0
+            try:
+                self._got += 1
+                return next(self._stream)
+            except StopIteration:
+                if self._got <= 1:
+                    raise DataSourceError(f"{self.name}: no readable samples for process "
+                                          f"{self.rank} ({self.skipped} skipped)") from None
+                self._stream, self._epoch = None, self._epoch + 1
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        if self.streaming:
+            return self.batch_of(self.backbone, [self._next_stream() for _ in range(batch_size)])
+        samples: list[Sample] = []
+        for _ in range(MAX_BAD_IN_A_ROW):
+            idx = torch.randint(0, len(self.rows), (batch_size - len(samples),), generator=generator)
+            rows = (self.ds[self.rows[i]] for i in idx.tolist())
+            samples += list(self._good(self._pairs(rows)))
+            if len(samples) == batch_size:
+                return self.batch_of(self.backbone, samples)
+        raise DataSourceError(f"{self.name}: too few readable samples ({self.skipped} skipped)")
+
+    def __iter__(self):
+        """This process's rows once, in order (the cache pre-pass)."""
+        rows = iter(self.ds) if self.streaming else (self.ds[i] for i in self.rows)
+        yield from self._good(self._pairs(rows))
+
+
+def _load_dataset(source: str, options: DataOptions):
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
+                              or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if options.split not in ds:
+                    raise DataSourceError(f"{source}: no split {options.split!r} "
+                                          f"(splits: {', '.join(ds)}); set data_split")
+                ds = ds[options.split]
+            return ds.to_iterable_dataset() if options.streaming else ds
+        suffix = path.suffix.lower()
+        if suffix in (".parquet", ".arrow"):
+            files = sorted(glob.glob(str(path)))
+            if not files:
+                raise DataSourceError(f"no {suffix} file matches {source}")
+            return datasets.load_dataset(suffix[1:], data_files=files, split="train",
+                                         streaming=options.streaming)
+        if source.startswith("hf:"):
+            return datasets.load_dataset(source[3:], split=options.split, streaming=options.streaming)
+    except DataSourceError:
+        raise
+    except Exception as err:  # datasets' errors are long; say which source and why in one line
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataSourceError(f"cannot read dataset {source!r}: {type(err).__name__}: {msg}") from None
+    raise DataSourceError(
+        f"data {source!r} is not 'digits', a folder with metadata.jsonl, a cache-data folder "
+        "(cache.json), a datasets save_to_disk folder, a .parquet / .arrow file or glob, "
+        "hf:owner/name, or webdataset .tar shards")
+
+
+# ------------------------------------------------------------------ webdataset
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Shard paths from a glob, a ``{000..099}`` range, a folder of .tar files or one file."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.glob("*.tar"))
+    names = [pattern]
+    while any(re.search(r"\{(\d+)\.\.(\d+)\}", n) for n in names):
+        out = []
+        for n in names:
+            m = re.search(r"\{(\d+)\.\.(\d+)\}", n)
+            if not m:
+                out.append(n)
+                continue
+            lo, hi, width = int(m[1]), int(m[2]), len(m[1])
+            out += [n[:m.start()] + str(i).zfill(width) + n[m.end():] for i in range(lo, hi + 1)]
+        names = out
+    files = []
+    for n in names:
+        files += sorted(glob.glob(str(Path(n).expanduser()))) if any(c in n for c in "*?[") else [n]
+    return [f for f in files if Path(f).is_file()]
+
+
+def is_webdataset(source: str) -> bool:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return any(path.glob("*.tar"))
+    return source.endswith(".tar") or re.search(r"\.tar\b", source) is not None
+
+
+class WebDataset(_Source):
+    """Tar shards, this process's share (every world-th shard), shuffled through a buffer."""
+
+    def __init__(self, backbone: Backbone, source: str, options: DataOptions):
+        super().__init__()
+        self.backbone, self.name, self.options = backbone, source, options
+        shards = expand_shards(source)
+        if not shards:
+            raise DataSourceError(f"no .tar shards match {source}")
+        self.rank, self.world = options.process()
+        if len(shards) < self.world:
+            raise DataSourceError(f"{source}: {len(shards)} shard(s) for {self.world} processes; "
+                                  "each process reads its own shards, so give at least one each")
+        self.shards = shards[self.rank::self.world]
+        self._stream, self._epoch, self._buffer = None, 0, []
+
+    def _members(self, shard: str):
+        """(key, {ext: bytes}) per sample of one shard; a damaged shard ends early (counted)."""
+        current, parts = None, {}
+        try:
+            with tarfile.open(shard, "r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = member.name.rsplit("/", 1)
+                    base = name[-1]
+                    if "." not in base:
+                        continue
+                    key = (name[0] + "/" if len(name) > 1 else "") + base.split(".", 1)[0]
+                    ext = base.split(".", 1)[1].lower()
+                    if key != current and current is not None:
+                        yield current, parts
+                        parts = {}
+                    current = key
+                    parts[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError):
+            self.skipped += 1  # the damaged rest of this shard
+        if current is not None:
+            yield current, parts
+
+    def _caption_of(self, parts: dict):
+        if "txt" in parts:
+            return parts["txt"].decode("utf-8").strip()
+        if "json" in parts:
+            meta = json.loads(parts["json"])
+            for key in (self.options.caption_column, "caption", "text"):
+                if isinstance(meta.get(key), str):
+                    return meta[key]
+        return None  # no caption: a bad sample
+
+    def _pairs(self, shards):
+        col = self.options.image_column
+        for shard in shards:
+            for _, parts in self._members(shard):
+                exts = [col] if col in parts else [e for e in IMAGE_EXTS if e in parts]
+                image = parts[exts[0]] if exts else None
+                try:
+                    caption = self._caption_of(parts)
+                except (ValueError, UnicodeDecodeError):
+                    caption = None
+                yield image, caption
+
+    def _next(self, generator: torch.Generator) -> Sample:
+        size = max(1, self.options.shuffle_buffer)
+        while len(self._buffer) < size:
+            if self._stream is None:
+                order = torch.randperm(len(self.shards), generator=generator).tolist()
+                self._stream, self._got = self._good(self._pairs([self.shards[i] for i in order])), 0
+            try:
+                self._buffer.append(next(self._stream))
+                self._got += 1
+            except StopIteration:
+                if self._got == 0:
+                    raise DataSourceError(f"{self.name}: no readable samples in this process's "
+                                          f"{len(self.shards)} shard(s) ({self.skipped} skipped)") from None
+                self._stream, self._epoch = None, self._epoch + 1
+                if self._buffer:
+                    break
+        i = int(torch.randint(0, len(self._buffer), (1,), generator=generator))
+        self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
+        return self._buffer.pop()
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        return self.batch_of(self.backbone, [self._next(generator) for _ in range(batch_size)])
+
+    def __iter__(self):
+        """This process's shards once, in order (the cache pre-pass)."""
+        yield from self._good(self._pairs(self.shards))
+
+
+def open_source(backbone: Backbone, source: str, options: DataOptions):
+    """A webdataset or ``datasets`` source for ``source``; one clear error otherwise."""
+    path = Path(source).expanduser()
+    if not source.startswith("hf:") and is_webdataset(source):
+        return WebDataset(backbone, source, options)
+    if path.is_dir() and not any((path / f).is_file() for f in
+                                 ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise DataSourceError(
+            f"{source} is a folder without metadata.jsonl, cache.json, a saved dataset "
+            "(dataset_info.json / dataset_dict.json) or .tar shards")
+    return HFDataset(backbone, source, options)
