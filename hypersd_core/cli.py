@@ -25,6 +25,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _output_dir(path: str, flag: str) -> Path:
+    """An output folder that is not a file and can be written (created if absent),
+    checked before any model loads."""
+    import tempfile
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{flag} {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise CLIError(f"cannot write to {flag} {out}: {err.strerror or err}") from None
+    return out
+
+
+MAX_SAMPLE_STEPS = 1000  # the models' training schedule has T = 1000 timesteps
+SAMPLE_BATCH = {"digits": 64, "sd15": 4, "sdxl": 2}  # default images per pipeline call
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -40,9 +61,17 @@ def _int_list(text: str) -> list[int]:
 def cmd_sample(args) -> int:
     from hypersd_core.models.backbone import load_backbone
     from hypersd_core.models.sampling import RECIPES, Sampler
+    from hypersd_core.training.config import MAX_SEED
 
     if args.method not in RECIPES:
         raise CLIError(f"unknown method {args.method!r}; choose from {', '.join(RECIPES)}")
+    if args.steps > MAX_SAMPLE_STEPS:
+        raise CLIError(f"--steps must be <= {MAX_SAMPLE_STEPS} (the schedule has "
+                       f"{MAX_SAMPLE_STEPS} timesteps), got {args.steps}")
+    if not 0 <= args.seed <= MAX_SEED - (args.num_images - 1):
+        raise CLIError(f"--seed must be in [0, {MAX_SEED}] for every image (seed + i), "
+                       f"got {args.seed} with --num-images {args.num_images}")
+    out = _output_dir(args.out, "--out")
     if args.lora:
         from hypersd_core.models.lora import check_lora_file
 
@@ -52,16 +81,20 @@ def cmd_sample(args) -> int:
             raise CLIError(str(err)) from None
     backbone = load_backbone(args.model, kind=args.kind, device=args.device)
     sampler = Sampler(backbone)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    batch = args.batch_size or SAMPLE_BATCH.get(backbone.kind, 4)
+    width = max(3, len(str(args.num_images - 1)))
     for p, prompt in enumerate(args.prompt):
-        seeds = [args.seed + i for i in range(args.num_images)]
-        gen = sampler.generate(args.method, args.steps, [prompt] * args.num_images, seeds,
-                               adapter=args.lora, guidance=args.guidance, eta=args.eta)
-        for i, image in enumerate(gen.images):
-            image.save(out / f"{p:03d}_{i:03d}.png")
-        mean = sum(gen.seconds_per_image) / len(gen.seconds_per_image)
-        print(f"{prompt!r}: {len(gen.images)} images, {mean * 1000:.1f} ms/image "
+        seconds: list[float] = []
+        for start in range(0, args.num_images, batch):  # written as they come: memory is one batch
+            count = min(batch, args.num_images - start)
+            seeds = [args.seed + start + i for i in range(count)]
+            gen = sampler.generate(args.method, args.steps, [prompt] * count, seeds,
+                                   adapter=args.lora, guidance=args.guidance, eta=args.eta)
+            for i, image in enumerate(gen.images):
+                image.save(out / f"{p:03d}_{start + i:0{width}d}.png")
+            seconds += gen.seconds_per_image
+        mean = sum(seconds) / len(seconds)
+        print(f"{prompt!r}: {len(seconds)} images, {mean * 1000:.1f} ms/image "
               f"({args.method}, {args.steps} steps, adapter {gen.adapter or 'none'})")
     print(f"wrote {out}")
     return 0
@@ -70,18 +103,21 @@ def cmd_sample(args) -> int:
 def cmd_train(args) -> int:
     from hypersd_core.training.config import load_preset
     from hypersd_core.training.runs import Run
-    from hypersd_core.training.trainer import train
+    from hypersd_core.training.trainer import NonFiniteLossError, train
 
-    if args.resume:
-        run = Run(args.resume)
-        run.config()  # a clear error if it is not a run folder
-        status = train(run.dir, resume=True)
-    else:
-        if not args.preset or not args.run_dir:
-            raise CLIError("train needs --preset PRESET and --run-dir DIR (or --resume DIR)")
-        cfg = load_preset(args.preset, args.set)
-        run = Run.create(args.run_dir, cfg)
-        status = train(run.dir)
+    try:
+        if args.resume:  # train() refuses a folder that is not a run or that another process owns
+            run = Run(args.resume)
+            status = train(run.dir, resume=True)
+        else:
+            if not args.preset or not args.run_dir:
+                raise CLIError("train needs --preset PRESET and --run-dir DIR (or --resume DIR)")
+            cfg = load_preset(args.preset, args.set)
+            run = Run.create(args.run_dir, cfg)
+            status = train(run.dir)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"{run.dir}: {status.get('state')} at step {status.get('step')}/{status.get('total')}")
     return 0 if status.get("state") in ("done", "stopped") else 1
 
@@ -139,6 +175,10 @@ def cmd_bench(args) -> int:
 def cmd_export_kohya(args) -> int:
     from hypersd_core.models.lora import export_kohya
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"{out} is a folder; give the output file name (e.g. {out / 'lora-kohya.safetensors'})")
+    _output_dir(str(out.parent), "the output folder")
     try:
         print(export_kohya(args.lora, args.out))
     except (FileNotFoundError, ValueError) as err:
@@ -192,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
     p.add_argument("--num-images", type=_positive_int, default=1)
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="images per pipeline call, saved before the next (default: digits 64, "
+                        "sd15 4, sdxl 2)")
     p.add_argument("--out", required=True, help="output folder ({prompt:03d}_{image:03d}.png)")
     p.add_argument("--lora", help="LoRA file (diffusers or kohya safetensors) instead of the default")
     p.add_argument("--guidance", type=float, help="CFG scale (teacher default: the model's)")
@@ -289,14 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from hypersd_core.models.backbone import ModelNotFoundError
+    from hypersd_core.training.runs import RunLockedError
 
     try:
         return args.fn(args)
     except CLIError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ModelNotFoundError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+    except (ModelNotFoundError, FileNotFoundError, FileExistsError, ValueError, KeyError,
+            RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. an output on a read-only file system, a full disk
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

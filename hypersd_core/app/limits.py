@@ -9,6 +9,7 @@ MAX_UPLOAD_PIXELS pixels (about 12 MB each as RGB) or MAX_PROMPT_LINES generated
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -37,15 +38,17 @@ def open_upload(path: str | Path, name: str | None = None) -> Image.Image:
             if w * h > MAX_UPLOAD_PIXELS:
                 raise ValueError(_too_large(name, w, h))
             return im.convert("RGB")
-    except Image.DecompressionBombError:
-        raise ValueError(f"{name}: too many pixels to decode (at most {MAX_UPLOAD_PIXELS:,}, "
-                         "e.g. 2048 x 2048)") from None
+    except Image.DecompressionBombError as err:  # refused by PIL's guard on open
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ValueError(f"{name} has {pixels}; at most {MAX_UPLOAD_PIXELS:,} (e.g. 2048 x 2048) "
+                         "can be scored") from None
     except (OSError, SyntaxError):  # PIL raises SyntaxError for some broken headers
         raise ValueError(f"{name} is not a readable image") from None
 
 
 def _too_large(name: str, w: int, h: int) -> str:
-    return (f"{name} is {w} x {h} = {w * h:,} pixels; at most {MAX_UPLOAD_PIXELS:,} "
+    return (f"{name} has {w * h:,} pixels ({w} x {h}); at most {MAX_UPLOAD_PIXELS:,} "
             "(e.g. 2048 x 2048) can be scored")
 
 
