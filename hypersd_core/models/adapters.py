@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hypersd_core.models.lora import check_lora_file, read_lora_state
+from hypersd_core.models.lora import check_lora_file, check_lora_fits, read_lora_state
 
 
 def _lora_layers(unet) -> dict[str, torch.nn.Module]:
@@ -43,6 +43,7 @@ class AdapterSet:
             return
         weights = check_lora_file(path)
         state = read_lora_state(weights)
+        check_lora_fits(self.pipe.unet, weights, state)  # one line naming the first layer that does not fit
         tmp = f"slot{len(self._slots)}"
         if state is None:
             self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
