@@ -172,3 +172,44 @@ def test_results_tab_and_export_from_a_session(launched, tmp_path) -> None:
     assert set(voted.voter_kind) == {"cookie"} and (voted.code_version != "").all()
     assert set(df.base_model) == {str(demo.hypersd["settings"].model)}
     assert (store.db_path.parent / f"study_config-{df.config_hash[0]}.yaml").exists()
+
+
+def test_results_event_renders_plot_and_tables(launched) -> None:
+    demo, url = launched
+    c = _client(url)
+    for label in ("A is better", "Tie"):
+        _show(c, demo)
+        assert _vote(c, demo, label).startswith("Thanks") or len(
+            demo.hypersd["store"].votes_frame())  # (this address may be at its voter limit)
+    out = c.predict("voter", "tie", False, fn_index=_fn(demo, "refresh"))
+    summary, plot, strengths = out[0], out[1], out[2]
+    assert "votes from" in summary and "within each step count" in summary
+    assert plot is not None
+    rows = strengths["data"] if isinstance(strengths, dict) else strengths
+    assert rows and all(len(r) == 7 for r in rows)
+    login_only = c.predict("prompt", "exclude", True, fn_index=_fn(demo, "refresh"))
+    assert login_only[0].startswith("**0 votes")  # no logged-in voter in this session
+
+
+def test_login_rules() -> None:
+    from types import SimpleNamespace
+
+    from compare_tab.study import COOKIE, VoterCookies, identify
+    from hypersd_core.study.store import StudyConfig
+
+    cookies = VoterCookies(b"test-salt-0123456789abcdef")
+    valid = cookies.mint()
+    req = SimpleNamespace(cookies={COOKIE: valid}, session_hash="s1", username=None,
+                          headers={}, client=None)
+    assert identify(req, None, cookies, StudyConfig())[1] == "cookie"
+    need_login = StudyConfig(require_login=True)
+    assert "logged-in voters only" in identify(req, None, cookies, need_login)
+    assert identify(req, SimpleNamespace(username="ann"), cookies, need_login) == \
+        ("login:ann", "login")
+    no_cookie = SimpleNamespace(cookies={}, session_hash="s1", username=None)
+    assert "voter cookie" in identify(no_cookie, None, cookies, StudyConfig())
+    assert identify(no_cookie, None, cookies, StudyConfig(allow_session=True)) == \
+        ("session:s1", "session")
+    tampered = SimpleNamespace(cookies={COOKIE: valid[:-1] + "0"}, session_hash="s1",
+                               username=None)
+    assert "voter cookie" in identify(tampered, None, cookies, StudyConfig())
