@@ -69,7 +69,8 @@ def counts_tensor(left: np.ndarray, right: np.ndarray, outcome: np.ndarray, k: i
 
 def probabilities(theta: np.ndarray, k: int) -> np.ndarray:
     """Outcome probabilities (..., k*k, 3) for parameters theta (..., k+2)."""
-    eta = np.einsum("mop,...p->...mo", design(k), theta)
+    x = design(k)
+    eta = (theta @ x.reshape(-1, k + 2).T).reshape(*theta.shape[:-1], k * k, 3)
     eta -= eta.max(axis=-1, keepdims=True)
     e = np.exp(eta)
     return e / e.sum(axis=-1, keepdims=True)
@@ -98,6 +99,7 @@ def fit_davidson(counts: np.ndarray, ridge: float = DEFAULT_RIDGE, tol: float = 
     n_obs = counts.reshape(-1, k * k, 3)
     b = n_obs.shape[0]
     x = design(k)
+    xf = x.reshape(-1, k + 2)                               # (m*3, p)
     p = k + 2
     n = n_obs.sum(axis=-1)  # (b, m)
     theta = np.zeros((b, p))
@@ -108,11 +110,13 @@ def fit_davidson(counts: np.ndarray, ridge: float = DEFAULT_RIDGE, tol: float = 
         act = ~converged
         th = theta[act]
         prob = probabilities(th, k)                       # (a, m, 3)
-        resid = n_obs[act] - n[act][..., None] * prob
-        grad = np.einsum("amo,mop->ap", resid, x) - ridge * th
-        xbar = np.einsum("amo,mop->amp", prob, x)
-        info = (np.einsum("am,amo,mop,moq->apq", n[act], prob, x, x)
-                - np.einsum("am,amp,amq->apq", n[act], xbar, xbar)) + ridge * eye
+        na = n[act]
+        resid = n_obs[act] - na[..., None] * prob
+        grad = resid.reshape(len(th), -1) @ xf - ridge * th
+        xbar = (prob[..., None, :] @ x)[..., 0, :]  # (a, m, p): sum_o prob * x
+        w = (na[..., None] * prob).reshape(len(th), -1)   # (a, m*3)
+        info = ((w[..., None] * xf).transpose(0, 2, 1) @ xf
+                - (na[..., None] * xbar).transpose(0, 2, 1) @ xbar) + ridge * eye
         step = np.linalg.solve(info, grad[..., None])[..., 0]
         big = np.abs(step).max(axis=-1, keepdims=True)
         step = step * np.minimum(1.0, max_step / np.maximum(big, 1e-300))

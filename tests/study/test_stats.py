@@ -141,3 +141,18 @@ def test_interval_coverage_200_replicates() -> None:
     print("\ncoverage (200 replicates, 20 voters x 100 votes, taste sd 1.0):", res["coverage"])
     assert res["coverage"]["voter"]["win_rate"] >= 0.90
     assert res["coverage"]["voter"]["strength"] >= 0.90
+
+
+@pytest.mark.slow
+def test_davidson_bias_200_replicates() -> None:
+    """2,000 votes per replicate, known log-strengths 0 / 0.5 / 1 / 1.5, Davidson ties."""
+    names, k = list(TRUE), 4
+    truth = np.array(list(TRUE.values())) - 0.75
+    rng = np.random.default_rng(5)
+    est = []
+    for _ in range(200):
+        frame = simulate_votes(TRUE, 20, 100, 0.0, LOG_NU, 0.2, rng)
+        est.append(fit_davidson(counts_tensor(*_codes(frame, names), k)).strength)
+    bias = np.abs(np.mean(est, 0) - truth).max()
+    print(f"\nDavidson BT, 200 replicates x 2000 votes: max |bias| {bias:.4f}")
+    assert bias < 0.02  # Monte Carlo SE of a mean over 200 replicates is about 0.005
