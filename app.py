@@ -11,6 +11,11 @@ On a Hugging Face Space (SPACE_ID set) it listens on 0.0.0.0 with training off.
 
 from __future__ import annotations
 
+try:  # ZeroGPU: `spaces` patches CUDA and must be imported before torch touches it
+    import spaces  # type: ignore[import-not-found]  # noqa: F401
+except ImportError:
+    spaces = None
+
 import argparse
 import threading
 from pathlib import Path
@@ -21,7 +26,7 @@ from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
 from compare_tab.study import study_middleware
 from compare_tab.study_results import build_study_results_tab
 from hypersd_core.app.limits import guard_decoder
-from hypersd_core.app.service import AppSettings, ModelService
+from hypersd_core.app.service import AppSettings, ModelService, default_rewards, on_space
 from hypersd_core.paths import ROOT
 from hypersd_core.study.store import StudyConfig, StudyStore
 from train_tab import build_rewards_tab, build_train_tab
@@ -106,9 +111,24 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     service = ModelService(settings.model)
     demo = build_demo(settings, service)
-    # load the model while the page opens, so the first generation does not wait for it
-    threading.Thread(target=lambda: _warm(service), daemon=True).start()
+    if on_space():
+        # ZeroGPU forks a GPU worker per call: the model (half precision), its adapters
+        # and the rewards load here, before launch, with no thread holding the model
+        # lock when a call arrives
+        failed = service.preload(default_rewards(_model_kind(service)))
+        for name, why in failed.items():
+            print(f"reward {name} not loaded: {why}", flush=True)
+    else:
+        # load the model while the page opens, so the first generation does not wait for it
+        threading.Thread(target=lambda: _warm(service), daemon=True).start()
     demo.launch(**launch_kwargs(settings))
+
+
+def _model_kind(service: ModelService) -> str:
+    try:
+        return service.sampler.backbone.kind
+    except Exception:  # shown again, with its message, on the first generation
+        return "digits"
 
 
 def _warm(service: ModelService) -> None:

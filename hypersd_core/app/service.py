@@ -83,8 +83,26 @@ def on_space() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
-def gpu(fn=None, duration: int = 120):
-    """``spaces.GPU(duration=...)`` on ZeroGPU Spaces; a no-op where ``spaces`` is absent."""
+# seconds per image per denoising step on a ZeroGPU slice (half precision, conservative);
+# CFG (the teacher) doubles the UNet batch
+GPU_STEP_SECONDS = {"digits": 0.01, "sd15": 0.06, "sdxl": 0.2}
+GPU_CALL_OVERHEAD_S = 8  # moving the resident weights in, the VAE decode, slack
+
+
+def gpu_seconds(images: int, steps: int, kind: str = "sdxl", cfg: bool = False) -> int:
+    """A ZeroGPU ``duration`` for a call that makes ``images`` images at ``steps`` steps:
+    grows with the grid instead of a fixed 120 s (a short request gets scheduled sooner;
+    a large grid is not cut off). Clamped to [10, 300]."""
+    per_step = GPU_STEP_SECONDS.get(kind, GPU_STEP_SECONDS["sdxl"]) * (2 if cfg else 1)
+    return int(min(300, max(10, GPU_CALL_OVERHEAD_S + 1.5 * images * steps * per_step)))
+
+
+def gpu(fn=None, duration=120):
+    """``spaces.GPU(duration=...)`` on ZeroGPU Spaces; a no-op where ``spaces`` is absent.
+
+    ``duration``: seconds, or a function of the call's own arguments returning seconds
+    (ZeroGPU's dynamic duration), e.g. ``lambda prompts, steps, *a: gpu_seconds(...)``.
+    """
     def wrap(f):
         try:
             import spaces  # type: ignore[import-not-found]
@@ -195,19 +213,42 @@ class ModelService:
         self._lock = threading.RLock()
         self._rewards: dict[str, object] = {}
         self.load_seconds = 0.0
+        # half precision on a GPU (a ZeroGPU slice gets the weights resident, not fp32)
+        self.dtype = "fp16" if str(self.device).startswith("cuda") else "fp32"
 
     @property
     def sampler(self):
         """The Sampler, loading the model on first use (ModelNotFoundError if it is missing)."""
         with self._lock:
             if self._sampler is None:
+                import torch
+
                 from hypersd_core.models.backbone import load_backbone
                 from hypersd_core.models.sampling import Sampler
 
                 t0 = time.perf_counter()
-                self._sampler = Sampler(load_backbone(self.model, device=self.device))
+                dtype = torch.float16 if self.dtype == "fp16" else torch.float32
+                self._sampler = Sampler(load_backbone(self.model, device=self.device, dtype=dtype))
                 self.load_seconds = time.perf_counter() - t0
             return self._sampler
+
+    def preload(self, rewards: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+        """Load the model, every adapter shipped with it and the named rewards now, in
+        this process: on ZeroGPU the GPU worker is forked from the main process per
+        call, so whatever is loaded lazily inside a call is loaded again on every call.
+        Returns the rewards that could not load, with the reason."""
+        failed: dict[str, str] = {}
+        with self._lock:
+            sampler = self.sampler
+            for name, path in sampler.backbone.adapter_dirs.items():
+                if name not in sampler.adapters.loaded:
+                    sampler.adapters.load(name, path)
+            for name in rewards:
+                try:
+                    self.reward(name)
+                except Exception as err:  # a missing reward must not stop the app
+                    failed[name] = f"{type(err).__name__}: {err}"
+        return failed
 
     def method_available(self, method: str, steps: int) -> bool:
         """True when the method's adapter exists for this model (or it needs none)."""
