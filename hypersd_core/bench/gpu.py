@@ -10,18 +10,21 @@ padded to 77 tokens) and measures, per model at its native resolution:
   teacher's 25 steps with CFG, end to end to PIL images;
 * the VAE decode share of the 1-step time;
 * LoRA fused vs unfused (1 and 4 steps) and 1-step latency against resolution;
-* one TSCD LoRA training step (rank 64, gradient checkpointing, teacher = the base with
-  adapters off) at batch 1 and 2: time and peak allocated memory.
+* a smoke run of every stage type (TSCD, TSCD + adversarial, LCM, TCD, feedback, DMD):
+  2 training steps at batch 1 with the preset's settings through the trainer's pieces,
+  gradient checkpointing on, peak allocated memory per stage (``bench/gpu_train.py``);
+* one TSCD LoRA training step (rank 64, gradient checkpointing) at batch 1 and 2: time
+  and peak allocated memory.
 
-Sized to finish in well under 8 minutes on one H100 (a time budget skips what is left
-if it runs long) and writes one JSON file. ``--dry-run`` runs the same code on the CPU
+Sized to finish in under 7 minutes on one H100 (a time budget skips what is left if it
+runs long) and writes one JSON file; ``errors`` lists every part that failed and the
+command exits non-zero then. ``--dry-run`` runs the same code (same dtype) on the CPU
 with every architecture shrunk to a few channels and 64x64 images (the tests run it).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -29,11 +32,11 @@ from pathlib import Path
 
 import torch
 
+from hypersd_core.bench.gpu_train import SMOKE_STAGES, smoke_stage
 from hypersd_core.bench.measure import PeakMemory, machine_header, measure
-from hypersd_core.paths import ASSETS
+from hypersd_core.models.random_model import build_pipeline, load_configs, shrink
 
-CONFIGS = ASSETS / "configs"
-TEXT_LEN = 77
+__all__ = ["GpuPlan", "load_configs", "run_gpu_check", "gpu_errors"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class GpuPlan:
     teacher_repeats: int = 2
     train_batches: tuple[int, ...] = (1, 2)
     train_repeats: int = 3
-    budget_s: float = 420.0  # stop starting new parts after this (leaves margin under 8 min)
+    smoke_stages: tuple[str, ...] = tuple(SMOKE_STAGES)
+    budget_s: float = 330.0  # stop starting new parts after this (the run stays under 7 min)
     warmup: int = 1
     dry_run: bool = False
 
@@ -59,86 +63,6 @@ DRY_PLAN = GpuPlan(resolution=(("sdxl", 64), ("sd15", 64)),
                    scaling=(("sdxl", (32, 64)), ("sd15", (32, 64))), lora_rank=4,
                    teacher_steps=3, repeats=1, teacher_repeats=1, train_repeats=1, warmup=0,
                    dry_run=True)
-
-
-def load_configs(kind: str) -> dict[str, dict]:
-    """The shipped public configs of ``kind`` (sd15 or sdxl)."""
-    folder = CONFIGS / kind
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no architecture configs for {kind!r} in {CONFIGS}")
-    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
-    out = {p: json.loads((folder / p / "config.json").read_text()) for p in parts}
-    out["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return out
-
-
-def shrink(kind: str, cfgs: dict[str, dict]) -> dict[str, dict]:
-    """The same architectures with a few channels and one layer per block (dry run)."""
-    cfgs = json.loads(json.dumps(cfgs))
-    n = len(cfgs["unet"]["block_out_channels"])
-    unet = cfgs["unet"]
-    # SD1.5 keeps sample_size 64 (diffusers warns below that); heights are passed explicitly
-    unet.update(block_out_channels=[32, 64, 64, 64][:n], layers_per_block=1, norm_num_groups=8,
-                sample_size=8 if kind == "sdxl" else 64)
-    te_dims = [32] + ([32] if kind == "sdxl" else [])
-    unet["cross_attention_dim"] = sum(te_dims)
-    if kind == "sdxl":
-        unet.update(attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 1],
-                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
-    else:
-        unet["attention_head_dim"] = 4
-    cfgs["vae"].update(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8,
-                       sample_size=64)
-    for key in ("text_encoder", "text_encoder_2"):
-        if key in cfgs:
-            cfgs[key].update(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                             num_attention_heads=4, projection_dim=32)
-    return cfgs
-
-
-def build_pipeline(kind: str, cfgs: dict[str, dict], device: str, dtype: torch.dtype):
-    """A diffusers pipeline with random weights, initialised directly on ``device``."""
-    import diffusers
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
-
-    from hypersd_core.digits import world as digits
-
-    tok_dir = Path(tempfile.mkdtemp(prefix="hypersd-tok-"))
-    digits.write_tokenizer(tok_dir)
-    tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=TEXT_LEN)
-    vocab = tok.get_vocab()
-    ids = {"bos_token_id": vocab[digits.SPECIAL_BOS], "eos_token_id": vocab[digits.SPECIAL_EOS],
-           "pad_token_id": vocab[digits.SPECIAL_EOS]}
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(cfgs["unet"])
-        vae = AutoencoderKL.from_config(cfgs["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**{**cfgs["text_encoder"], **ids}))
-        te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**{**cfgs["text_encoder_2"], **ids}))
-               if kind == "sdxl" else None)
-    sched_cfg = cfgs["scheduler"]
-    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
-    if kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                         tokenizer_2=tok, unet=unet, scheduler=scheduler)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                       scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipe.to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _params(module) -> float:
@@ -157,6 +81,7 @@ class GpuCheck:
         from hypersd_core.models.backbone import Backbone
 
         self.kind, self.plan, self.dtype, self.t0, self.log = kind, plan, dtype, t0, log
+        self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         self.device = torch.device(device)
         self.res = dict(plan.resolution)[kind]
         cfgs = load_configs(kind)
@@ -208,6 +133,8 @@ class GpuCheck:
         from hypersd_core.models.lora import add_lora
 
         unet = self.backbone.unet
+        if "hyper" in (getattr(unet, "peft_config", None) or {}):
+            unet.delete_adapters("hyper")
         add_lora(unet, self.plan.lora_rank, float(self.plan.lora_rank), adapter_name="hyper")
         g = torch.Generator().manual_seed(0)
         for name, p in unet.named_parameters():
@@ -279,23 +206,21 @@ class GpuCheck:
     # ------------------------------------------------------------ training
     def training(self) -> list[dict]:
         """One TSCD LoRA step (rank 64, gradient checkpointing) at each batch size."""
+        from hypersd_core.bench.gpu_train import _teardown
         from hypersd_core.training.config import make_config
         from hypersd_core.training.data import Batch
-        from hypersd_core.training.trainer import make_stage, setup_student
+        from hypersd_core.training.trainer import enable_checkpointing, make_stage, setup_student
 
         bb, p = self.backbone, self.plan
-        bb.unet.delete_adapters("hyper")
-        cfg = make_config({"stage": "tscd", "model": self.kind, "k": 8, "lora_rank": p.lora_rank,
-                           "lora_alpha": float(p.lora_rank), "batch_size": max(p.train_batches),
-                           "mixed_precision": "no" if p.dry_run else
-                           ("bf16" if self.dtype == torch.bfloat16 else "fp16")})
+        cfg = make_config({"stage": "tscd", "model": f"random:{self.kind}", "k": 8,
+                           "lora_rank": p.lora_rank, "lora_alpha": float(p.lora_rank),
+                           "batch_size": max(p.train_batches), "mixed_precision": self.precision,
+                           "frozen_dtype": self.precision, "gradient_checkpointing": "on"})
         params = setup_student(bb, cfg)
         stage = make_stage(cfg, bb)
-        bb.unet.enable_gradient_checkpointing()
-        bb.unet.train()
+        enable_checkpointing(bb, cfg, use_cuda=True)
         optimizer = torch.optim.AdamW(params, lr=1e-6)
-        autocast = (torch.autocast("cuda", dtype=self.dtype) if self.device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = torch.autocast(self.device.type, dtype=self.dtype)
         f = bb.pipe.vae_scale_factor
         rows = []
         for b in p.train_batches:
@@ -324,32 +249,59 @@ class GpuCheck:
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 rows.append({"batch": b, "error": "out of memory"})
+        _teardown(bb)
         return rows
+
+    def smoke(self, name: str) -> dict:
+        """Two steps of one stage type at full size (``bench/gpu_train.py``)."""
+        return smoke_stage(self.backbone, name, self.precision, self.res, self.prompt)
 
     def run(self) -> dict:
         self.add_inference_lora()
         with torch.no_grad():
             self.part("latency", self.latency)
+        self.backbone.unet.delete_adapters("hyper")
+        for name in self.plan.smoke_stages:  # first: the check that train works
+            self.part(f"smoke_{name}", lambda n=name: self.smoke(n))
+        self.out["smoke_peak_mb"] = {n: self.out[f"smoke_{n}"].get("peak_mb")
+                                     for n in self.plan.smoke_stages}
+        self.part("training", self.training)
+        self.add_inference_lora()
+        with torch.no_grad():
             self.part("vae", self.vae_share)
             self.part("lora_fused", self.fused)
             self.part("resolution_scaling", self.resolution_scaling)
-        self.part("training", self.training)
         return self.out
 
 
+def gpu_errors(result: dict) -> list[str]:
+    """``model/part: error`` for every part (or training row) of the check that failed."""
+    errors = []
+    for kind, parts in result.get("models", {}).items():
+        for name, value in parts.items():
+            rows = value if isinstance(value, list) else [value]
+            for row in rows:
+                if isinstance(row, dict) and "error" in row:
+                    errors.append(f"{kind}/{name}: {row['error']}")
+    return errors
+
+
 def run_gpu_check(out: str | Path = "results/bench_gpu.json", dry_run: bool = False,
-                  dtype: str = "fp16", device: str | None = None, plan: GpuPlan | None = None,
+                  dtype: str = "bf16", device: str | None = None, plan: GpuPlan | None = None,
                   log=print) -> dict:
-    """Run the GPU check (or its CPU dry run) and write one JSON file.
+    """Run the GPU check (or its CPU dry run) and write one JSON file; ``result["errors"]``
+    lists the parts that failed (the CLI exits non-zero then).
 
     Args:
         out: the JSON path.
-        dry_run: tiny architectures on the CPU in fp32 (the code path, not the figures).
-        dtype: "fp16" or "bf16" for the CUDA run.
+        dry_run: tiny architectures on the CPU in bf16 (the code path, not the figures).
+        dtype: "bf16" (default, what the presets train in) or "fp16" for the CUDA run.
         device: default "cuda" (required unless dry_run).
     """
     if dtype not in ("fp16", "bf16"):
         raise ValueError(f"dtype must be 'fp16' or 'bf16', got {dtype!r}")
+    if dry_run and dtype != "bf16":
+        raise ValueError("--dry-run runs bf16 on the CPU (fp16 loss scaling is CUDA's)")
     plan = plan or (DRY_PLAN if dry_run else GpuPlan())
     device = device or ("cpu" if dry_run else "cuda")
     if not dry_run and (device != "cuda" and not device.startswith("cuda:")):
@@ -360,7 +312,7 @@ def run_gpu_check(out: str | Path = "results/bench_gpu.json", dry_run: bool = Fa
     from hypersd_core.models.backbone import _quiet_libraries
 
     _quiet_libraries()
-    torch_dtype = torch.float32 if dry_run else {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     t0 = time.perf_counter()
     result: dict = {"header": machine_header(torch.device(device)), "dry_run": dry_run,
                     "dtype": str(torch_dtype).removeprefix("torch."), "plan": asdict(plan),
@@ -376,8 +328,10 @@ def run_gpu_check(out: str | Path = "results/bench_gpu.json", dry_run: bool = Fa
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["errors"] = gpu_errors(result)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
-    log(f"wrote {out} in {result['seconds']:.0f} s")
+    log(f"wrote {out} in {result['seconds']:.0f} s; "
+        + (f"{len(result['errors'])} parts failed" if result["errors"] else "no part failed"))
     return result

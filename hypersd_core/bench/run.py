@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -148,7 +149,8 @@ def add_arguments(p) -> None:
                    help="full-size SDXL/SD1.5 GPU check with random weights (bench_gpu)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --gpu: the same code at tiny sizes on the CPU")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="with --gpu")
+    p.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"],
+                   help="with --gpu: weights and autocast dtype (--dry-run: bf16)")
 
 
 def plan_from_args(args) -> BenchPlan:
@@ -186,9 +188,12 @@ def main_bench(args) -> int:
     if args.gpu:
         from hypersd_core.bench.gpu import run_gpu_check
 
-        run_gpu_check(out=args.out or "assets/results/bench_gpu.json", dry_run=args.dry_run,
-                      dtype=args.dtype, device=None if args.dry_run else args.device)
-        return 0
+        result = run_gpu_check(out=args.out or "assets/results/bench_gpu.json",
+                               dry_run=args.dry_run, dtype=args.dtype,
+                               device=None if args.dry_run else args.device)
+        for line in result["errors"]:
+            print(f"error: {line}", file=sys.stderr)
+        return 1 if result["errors"] else 0
     if args.dry_run:
         raise ValueError("--dry-run goes with --gpu (the CPU bench has --quick)")
     from hypersd_core.models.sampling import RECIPES

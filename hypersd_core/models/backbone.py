@@ -80,7 +80,10 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(
             repo_id, local_files_only=offline,
-            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+            # only the pipeline's component folders: a root single-file checkpoint
+            # (e.g. sd_xl_base_1.0.safetensors) would add 7-14 GB per model
+            allow_patterns=["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors",
+                            "*/*.model"],
             ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"]))
     except Exception as err:  # hub errors are many and long: say one thing instead
         raise ModelNotFoundError(
@@ -193,7 +196,8 @@ class Backbone:
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] -> scaled latents [B,4,H/f,W/f] (posterior mean)."""
         vae = self.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+        with _vae_precision(vae):
+            latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -201,7 +205,8 @@ class Backbone:
         """Scaled latents -> images [B,3,H,W] in [-1,1] (differentiable)."""
         vae = self.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        with _vae_precision(vae):
+            return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
 
     def adapter_path(self, name: str) -> Path:
         """Folder of a named adapter shipped with this backbone (digits)."""
@@ -211,6 +216,32 @@ class Backbone:
                 f"no adapter named {name!r} for model {self.source} (known: {known}); "
                 "pass a LoRA file with --lora")
         return self.adapter_dirs[name]
+
+
+def keep_vae_fp32(pipe, dtype: torch.dtype) -> None:
+    """Under fp16 weights the SDXL VAE (config ``force_upcast``: its activations overflow
+    fp16 into NaN latents and images) stays fp32, as the stock SDXL pipeline upcasts it
+    for every decode; its inputs are cast to fp32 on the way in. The fp16-fix VAE sets
+    force_upcast false and stays fp16."""
+    if not (dtype == torch.float16 and "XL" in type(pipe).__name__
+            and getattr(pipe.vae.config, "force_upcast", False)):
+        return
+    vae = pipe.vae.to(torch.float32)
+    first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+    first.register_forward_pre_hook(
+        lambda module, args: (args[0].to(torch.float32), *args[1:]))
+
+
+def _vae_precision(vae):
+    """No fp16 autocast around an fp32 force_upcast VAE (autocast would undo the upcast)."""
+    import contextlib
+
+    device = vae.device.type
+    if (vae.dtype == torch.float32 and getattr(vae.config, "force_upcast", False)
+            and torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.float16):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def load_backbone(model: str = "digits", kind: str | None = None, device: str = "cpu",
@@ -230,6 +261,10 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     _quiet_libraries()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if model.startswith("random:"):  # full-size architecture, random weights, no download
+        from hypersd_core.models.random_model import load_random_backbone
+
+        return load_random_backbone(model, device=device, dtype=dtype)
     if is_single_file(model):
         kind, pipe = load_single_file(model, kind, dtype=dtype)
         pipe.to(device)
@@ -242,6 +277,7 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     pipe = cls.from_pretrained(folder, torch_dtype=dtype, **extra)
+    keep_vae_fp32(pipe, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     index = json.loads((Path(folder) / "model_index.json").read_text())

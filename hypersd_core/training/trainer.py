@@ -177,9 +177,12 @@ VAE_GRAD_STAGES = ("feedback", "dmd")
 def enable_checkpointing(backbone, cfg: StageConfig, use_cuda: bool) -> bool:
     """UNet gradient checkpointing, and the VAE's for stages that decode with gradients
     (an SDXL 1024^2 decode with gradients alone holds ~19 GiB of activations)."""
+    from hypersd_core.models.checkpointing import adapter_aware_checkpoint
+
     if not checkpointing_on(cfg, use_cuda):
         return False
-    backbone.unet.enable_gradient_checkpointing()
+    # recomputation under the forward's LoRA state (the discriminator runs adapters off)
+    backbone.unet.enable_gradient_checkpointing(adapter_aware_checkpoint)
     if cfg.stage in VAE_GRAD_STAGES:
         backbone.vae.enable_gradient_checkpointing()
     return True
