@@ -40,9 +40,9 @@ def summary_markdown(res: StudyResults) -> str:
     return "\n".join(lines)
 
 
-def _rounded(frame: pd.DataFrame | None) -> pd.DataFrame:
+def _rounded(frame: pd.DataFrame | None, empty: str = "no votes yet") -> pd.DataFrame:
     if frame is None or not len(frame):
-        return pd.DataFrame()
+        return pd.DataFrame({"": [empty]})
     out = frame.copy()
     for c in out.columns:
         if out[c].dtype.kind == "f":
@@ -64,6 +64,8 @@ def export(store: StudyStore) -> list[str]:
 def build_study_results_tab(settings: AppSettings, store: StudyStore, config: StudyConfig,
                             tab: gr.Tab | None = None) -> None:
     """The results view; recomputed on opening the tab and on Update."""
+    gr.Markdown("Strengths compare methods **within a step count**; the Study results are "
+                "kept apart from the voting tab so that voters do not see them while voting.")
     with gr.Row():
         cluster = gr.Radio(["voter", "prompt"], value="voter", label="Resample whole")
         rule = gr.Radio(["tie", "exclude"], value=config.both_bad,
@@ -92,9 +94,11 @@ def build_study_results_tab(settings: AppSettings, store: StudyStore, config: St
     def refresh(cluster_v: str, rule_v: str, login_v: bool):
         res = compute(store, config, cluster_v, rule_v, bool(login_v))
         fig = strength_figure(res.strengths)
-        return (summary_markdown(res), fig, _rounded(res.strengths), _rounded(res.primary),
+        return (summary_markdown(res), fig, _rounded(res.strengths),
+                _rounded(res.primary, "no primary comparison named in study.yaml"
+                         if config.primary is None else "no votes yet"),
                 _rounded(res.win_rates), _rounded(res.position), _rounded(res.sensitivity),
-                _rounded(res.anchored))
+                _rounded(res.anchored, "no anchor pairs (set anchor in study.yaml)"))
 
     outputs = [summary, plot, strengths, primary, wins, position, sensitivity, anchored]
     inputs = [cluster, rule, login_only]
