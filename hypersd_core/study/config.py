@@ -9,8 +9,9 @@ cycle and to reanalyse by seed; the seed an image is made with is
 ``STUDY_SEED_MIN + HMAC(key, prompt, slot) mod (2**63 - STUDY_SEED_MIN)``. Without the
 key it is one of about 9.2e18 values, so the public ``/generate`` cannot reproduce a study
 image (its seed cannot be guessed, whatever seed range ``/generate`` accepts), and it
-never equals a small seed a person would type (all are >= 2**32). The seed never leaves
-the server: the page, the reveal and the CSV show only the slot.
+never equals a small seed a person would type (all are >= 2**32; ``/generate`` itself
+refuses seeds above 2**32 - 1). The seed never leaves the server: the page, the reveal
+and the CSV show only the slot.
 """
 
 from __future__ import annotations

@@ -116,6 +116,10 @@ def test_study_pairs_not_reproducible_through_generate(launched) -> None:
         assert f >= 1 and shown.shape[0] >= 256  # upscaled nearest-neighbour for the screen
         assert np.array_equal(shown[::f, ::f], np.asarray(native.convert("RGB")))  # control
         assert str(pair.seed_slot) not in caption and pair.method_left not in caption
+        secret = store.seed_for(pair.prompt, int(pair.seed_slot))
+        with pytest.raises(Exception, match="seed must be in"):  # outside /generate's range
+            client.predict(pair.prompt, pair.method_left, int(pair.steps_left), secret,
+                           api_name="/generate")
         for seed in (0, 1, int(pair.seed_slot), 2**32 - 1, 42):
             path, _ = client.predict(pair.prompt, pair.method_left, int(pair.steps_left), seed,
                                      api_name="/generate")
