@@ -114,6 +114,11 @@ def cmd_train(args) -> int:
                 raise CLIError("train needs --preset PRESET and --run-dir DIR (or --resume DIR)")
             cfg = load_preset(args.preset, args.set)
             run = Run.create(args.run_dir, cfg)
+            if args.prepare_only:  # several processes: launch the trainer on this folder
+                print(f"{run.dir}: prepared; start it with `accelerate launch --config_file "
+                      f"assets/accelerate/multi-gpu-ddp.yaml -m hypersd_core.training.trainer "
+                      f"--run-dir {run.dir}` (or torchrun --nproc_per_node N -m ...)")
+                return 0
             status = train(run.dir)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.add_argument("--run-dir", help="new run folder")
     p.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its newest checkpoint")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the run folder (config.yaml) without training, for a multi-process launch")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("stop", help="ask a running run to stop (it checkpoints first)")

@@ -62,6 +62,7 @@ class StageConfig:
     lora_alpha: float = 16.0
     lr: float = 1e-4
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # "adamw" or "adamw8bit" (bitsandbytes: 8-bit moments)
     warmup_steps: int = 20
     grad_clip: float = 1.0
     batch_size: int = 32
@@ -189,6 +190,11 @@ class StageConfig:
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.data_shuffle_buffer >= 1, f"data_shuffle_buffer must be >= 1, got {self.data_shuffle_buffer}")
+        from hypersd_core.training.optimizers import OPTIMIZERS, have_bitsandbytes
+
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        need(self.optimizer != "adamw8bit" or have_bitsandbytes(),
+             "optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes==0.50.2)")
         need(bool(self.data_image_column and self.data_caption_column and self.data_split),
              "data_image_column, data_caption_column and data_split must not be empty")
         for key in ("adv_lr", "fake_lr"):

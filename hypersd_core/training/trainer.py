@@ -233,6 +233,7 @@ def _train(run: Run, resume: bool) -> dict:
     from hypersd_core.models.backbone import load_backbone
     from hypersd_core.models.lora import save_lora
     from hypersd_core.training.data import DataOptions, make_data
+    from hypersd_core.training.optimizers import make_optimizer
 
     cfg = run.config()
     use_cuda = torch.cuda.is_available()
@@ -267,7 +268,7 @@ def _train(run: Run, resume: bool) -> dict:
         if main:
             run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
         raise
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, params)  # AdamW, or 8-bit AdamW (bitsandbytes)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
