@@ -267,6 +267,7 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
         return load_random_backbone(model, device=device, dtype=dtype)
     if is_single_file(model):
         kind, pipe = load_single_file(model, kind, dtype=dtype)
+        keep_vae_fp32(pipe, dtype)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return Backbone(kind, str(model), pipe, DEFAULT_GUIDANCE[kind])
