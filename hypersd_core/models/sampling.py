@@ -3,7 +3,9 @@
 Each recipe is what its authors ship (REFERENCE section 1): the scheduler, its
 arguments, whether CFG is used and which adapter goes with it. ``generate`` runs the
 stock diffusers pipeline with that recipe, so its output equals a stock pipeline
-call with the same weights, scheduler and seed.
+call with the same weights, scheduler and seed (within 1/255: the adapter is fused into
+the UNet's weights by ``AdapterSet`` and the prompt embeddings come from a per-backbone
+``PromptCache``, the tensors the pipeline itself would compute).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from PIL import Image
 
 from hypersd_core.models.adapters import AdapterSet
 from hypersd_core.models.backbone import Backbone
+from hypersd_core.models.prompt_cache import PromptCache
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Sampler:
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self.adapters = AdapterSet(backbone.pipe)
+        self.prompts = PromptCache(backbone.pipe)  # embeddings per text, reused across calls
         self._schedulers: dict[str, object] = {}
         self.base_scheduler = backbone.pipe.scheduler
 
@@ -120,8 +124,15 @@ class Sampler:
             return adapter
         from pathlib import Path
 
+        from hypersd_core.models.lora import WEIGHT_NAME
+
         path = Path(adapter)
-        name = path.stem if path.suffix else path.name
+        file = path / WEIGHT_NAME if path.is_dir() else path
+        # diffusers names every file pytorch_lora_weights: such files go by their folder
+        name = file.parent.name if file.name == WEIGHT_NAME else file.stem
+        known = self.adapters.loaded.get(name)
+        if known is not None and known.resolve() != file.resolve():
+            name = str(file.resolve())  # another file of the same name: its full path
         self.adapters.load(name, path)
         return name
 
@@ -171,7 +182,8 @@ class Sampler:
                 chunk = prompts[i:i + batch_size]
                 gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
                 t0 = time.perf_counter()
-                out = pipe(prompt=chunk, generator=gens, **kwargs)
+                out = pipe(**self.prompts.pipeline_kwargs(chunk, guidance > 1),
+                           generator=gens, **kwargs)
                 dt = time.perf_counter() - t0
                 images += out.images
                 seconds += [dt / len(chunk)] * len(chunk)
