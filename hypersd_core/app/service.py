@@ -9,7 +9,8 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -20,6 +21,7 @@ from hypersd_core.study.store import STUDY_YAML
 COMPARE_METHODS = ("teacher", "lcm", "tcd", "hypersd", "hypersd-unified")
 COMPARE_STEPS = (1, 2, 4, 8)
 TEACHER_REFERENCE_STEPS = 25
+REFERENCE_CACHE = 64  # teacher references kept per model service (prompt, seed)
 SCORED_REWARDS = ("digits-quality", "digits-alignment")  # default scores on the digits world
 NEEDS_TARGETS = ("perception", "digits-perception")  # losses against ground truth: not for generated images
 
@@ -212,6 +214,7 @@ class ModelService:
         self._sampler = None
         self._lock = threading.RLock()
         self._rewards: dict[str, object] = {}
+        self._references: OrderedDict[tuple[str, int], Cell] = OrderedDict()
         self.load_seconds = 0.0
         # half precision on a GPU (a ZeroGPU slice gets the weights resident, not fp32)
         self.dtype = "fp16" if str(self.device).startswith("cuda") else "fp32"
@@ -275,6 +278,29 @@ class ModelService:
         for c, image, sec in zip(cells, gen.images, gen.seconds_per_image):
             c.image, c.seconds = clean_image(image), sec
         return cells
+
+    def reference(self, prompts: list[str], seeds: list[int]) -> list[Cell]:
+        """The teacher at TEACHER_REFERENCE_STEPS for each (prompt, seed), generated once
+        and then served from a bounded cache (it is deterministic: same weights, seed)."""
+        with self._lock:
+            todo = list(dict.fromkeys((p, s) for p, s in zip(prompts, seeds)
+                                      if (p, s) not in self._references))
+            if todo:
+                made = self.generate("teacher", TEACHER_REFERENCE_STEPS, [p for p, _ in todo],
+                                     [s for _, s in todo], label="teacher (reference)")
+                for key, cell in zip(todo, made):
+                    if not cell.error:  # failures are not remembered
+                        self._references[key] = cell
+                    else:
+                        return [replace(cell, prompt=p, seed=s, scores={})
+                                for p, s in zip(prompts, seeds)]
+            out = []
+            for key in zip(prompts, seeds):
+                self._references.move_to_end(key)
+                out.append(replace(self._references[key], scores={}))
+            while len(self._references) > REFERENCE_CACHE:
+                self._references.popitem(last=False)
+            return out
 
     # ---- rewards
     def reward(self, name: str):
@@ -344,19 +370,40 @@ def compare_grid(service: ModelService, prompts: list[str], seeds: list[int],
                  ) -> tuple[list[Cell], dict[str, str], float]:
     """Every (method, steps) cell for the prompts, plus the teacher at 25 steps.
 
+    One pipeline call per (row, steps) covers all prompts (the cells sharing an adapter
+    and step count), the calls run grouped by adapter so each adapter is fused once,
+    repeated (prompt, seed) pairs are generated once, prompt embeddings come from the
+    sampler's cache, and the teacher reference from ``service.reference``. A cell's image
+    is the one ``service.generate`` gives for the same (method, steps, prompt, seed)
+    alone: identical for a one-prompt grid; with several prompts the batched call can
+    differ from a lone call in the last bit of a few pixels (<= 1/255), as any batched
+    diffusers call does on the CPU.
+
     Args:
         methods: (recipe name, adapter file or None, row label) per row.
     Returns:
         cells (reference first, then row by row), reward errors, total seconds.
     """
     t0 = time.perf_counter()
+    pairs = list(dict.fromkeys(zip(prompts, seeds)))  # each (prompt, seed) once
+    uniq_prompts, uniq_seeds = [p for p, _ in pairs], [s for _, s in pairs]
     cells: list[Cell] = []
     if teacher_reference:
-        cells += service.generate("teacher", TEACHER_REFERENCE_STEPS, prompts, seeds,
-                                  label="teacher (reference)")
-    for method, adapter, label in methods:
-        for n in steps:
-            cells += service.generate(method, n, prompts, seeds, adapter=adapter, label=label)
+        cells += service.reference(prompts, seeds)
+    jobs = [(i, method, adapter, label, n) for i, (method, adapter, label) in enumerate(methods)
+            for n in steps]
+
+    def adapter_key(job) -> str:
+        _, method, adapter, _, n = job
+        return adapter or default_adapter_name(method, n) or ""
+
+    made: dict[tuple, dict[tuple[str, int], Cell]] = {}
+    for job in sorted(jobs, key=adapter_key):  # stable: row order within an adapter
+        _, method, adapter, label, n = job
+        out = service.generate(method, n, uniq_prompts, uniq_seeds, adapter=adapter, label=label)
+        made[job] = {(c.prompt, c.seed): c for c in out}
+    for job in jobs:
+        cells += [replace(made[job][key], scores={}) for key in zip(prompts, seeds)]
     errors = service.score_cells(cells, rewards or [])
     return cells, errors, time.perf_counter() - t0
 
