@@ -32,7 +32,10 @@ class BenchPlan:
     big_batch: int = 16
     repeats: int = 5
     warmup: int = 1
-    overhead_cases: tuple[tuple[str, int], ...] = (("hypersd", 1), ("hypersd", 4), ("teacher", 25))
+    # (method, steps) compared with stock diffusers (unfused and fused), interleaved
+    overhead_cases: tuple[tuple[str, int], ...] = (
+        ("teacher", 25), *((m, s) for m in ("lcm", "tcd", "hypersd", "hypersd-unified")
+                           for s in (1, 2, 4, 8)))
     overhead_pairs: int = 20
     switch_repeats: int = 60
     stages: tuple[str, ...] = ("tscd", "tscd+adv", "lcm", "tcd", "feedback", "dmd", "dmd-critic")
@@ -56,7 +59,9 @@ class BenchPlan:
 
 PLANS: dict[str, BenchPlan] = {
     "full": BenchPlan(),
-    "quick": BenchPlan(repeats=3, overhead_cases=(("hypersd", 1), ("hypersd", 4)),
+    "quick": BenchPlan(repeats=3, overhead_cases=(("teacher", 25), ("lcm", 1), ("tcd", 1),
+                                                  ("hypersd", 1), ("hypersd-unified", 1),
+                                                  ("hypersd", 4)),
                        overhead_pairs=10, switch_repeats=30, train_repeats=3,
                        sample_batches=(1, 8, 64), train_batches=(1, 8, 32)),
 }
@@ -214,6 +219,8 @@ def random_adapter(backbone, name: str, rank: int, out_root: Path) -> Path:
         save_lora(unet, out_root / name, adapter_name=name, dtype=torch.float16)
     finally:
         unet.delete_adapters(name)
+        if not getattr(unet, "peft_config", None):
+            unet.unload_lora()  # no empty PEFT wrappers left to slow every call
     return out_root / name
 
 

@@ -1,5 +1,7 @@
-"""Sampling benchmarks: latency per method and step count, ``generate`` against a stock
-diffusers call, adapter switching, and throughput against batch size."""
+"""Sampling benchmarks: latency per method and step count, ``generate`` against stock
+diffusers (unfused ``load_lora_weights`` and ``fuse_lora``), adapter switching, and
+throughput against batch size. The fixed-cost breakdown and the compare grid are in
+``bench/costs.py``."""
 
 from __future__ import annotations
 
@@ -50,77 +52,113 @@ def _stock_pipeline(backbone):
     return pipe
 
 
-def _overhead_calls(sampler, stock, method: str, steps: int, adapter: str | None,
-                    guidance: float, extra: dict, prompt: str):
-    """The three timed calls: our generate, the stock pipeline, our pipeline called directly."""
-    backbone = sampler.backbone
+class StockPair:
+    """Two stock pipelines as users run them: ``load_lora_weights`` (unfused) and the same
+    followed by ``fuse_lora``. Each holds only the adapter in use; the fused one gets its
+    base weights back from a kept copy on a change (stock ``unfuse_lora`` drifts)."""
 
-    def ours():
-        return sampler.generate(method, steps, [prompt], [0], adapter=adapter).images[0]
+    def __init__(self, unfused, fused):
+        self.unfused, self.fused = unfused, fused
+        self._base: dict | None = None  # the fused pipeline's base UNet weights
+        self.adapter: str | None = None
 
-    def theirs():
-        return stock(prompt=[prompt], num_inference_steps=steps, guidance_scale=guidance,
-                     generator=[torch.Generator().manual_seed(0)], **extra).images[0]
+    def set_adapter(self, path: str | None) -> None:
+        from hypersd_core.models.lora import WEIGHT_NAME
 
-    def same_pipe():  # isolates generate's own wrapper from the pipeline's cost
-        pipe = backbone.pipe
-        pipe.scheduler = sampler.scheduler(method)
-        try:
-            return pipe(prompt=[prompt], num_inference_steps=steps, guidance_scale=guidance,
-                        generator=[torch.Generator().manual_seed(0)], **extra).images[0]
-        finally:
-            pipe.scheduler = sampler.base_scheduler
+        if path == self.adapter:
+            return
+        if self.adapter is not None:
+            self.unfused.unload_lora_weights()
+            self.fused.unfuse_lora()
+            self.fused.unload_lora_weights()
+            self.fused.unet.load_state_dict(self._base)
+        if path is not None:
+            if self._base is None:
+                self._base = {k: v.clone() for k, v in self.fused.unet.state_dict().items()}
+            folder, name = (str(Path(path).parent), Path(path).name) if Path(path).is_file() \
+                else (str(path), WEIGHT_NAME)
+            for pipe in (self.unfused, self.fused):
+                pipe.load_lora_weights(folder, weight_name=name, adapter_name="bench")
+            self.fused.fuse_lora(lora_scale=1.0)
+        self.adapter = path
 
-    return ours, theirs, same_pipe
+    def set_scheduler(self, method: str) -> None:
+        import diffusers
+
+        from hypersd_core.models.sampling import get_recipe
+
+        recipe = get_recipe(method)
+        for pipe in (self.unfused, self.fused):
+            pipe.scheduler = getattr(diffusers, recipe.scheduler).from_config(
+                pipe.scheduler.config, **recipe.scheduler_kwargs)
 
 
-def bench_overhead(backbone, sampler, plan: BenchPlan, adapters: dict, prompt: str,
-                   device: torch.device, log=print) -> list[dict]:
-    """``Sampler.generate`` vs a stock pipeline call, interleaved (ABBA order) in one loop."""
-    import diffusers
+def _pixel_diff(a, b) -> int:
     import numpy as np
 
-    from hypersd_core.models.lora import WEIGHT_NAME
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+
+
+def compare_with_stock(sampler, stock: StockPair, cases, adapter_of, prompt: str, pairs: int,
+                       device: torch.device, log=print) -> list[dict]:
+    """Our ``generate`` against stock unfused and stock fused, per (method, steps) at batch 1:
+    the three calls interleaved (ABC, CBA, ...) in one loop, medians, and the largest pixel
+    difference of our image from each. ``adapter_of(method, steps)``: LoRA path or None."""
     from hypersd_core.models.sampling import get_recipe
 
-    stock = _stock_pipeline(backbone)
     rows = []
-    for method, steps in plan.overhead_cases:
-        recipe = get_recipe(method)
-        adapter = _adapter_arg(adapters, method, steps)
-        want = [] if adapter is None else [Path(adapter).name]
-        loaded = stock.get_list_adapters().get("unet", [])
-        if loaded != want:  # stock holds exactly the adapter in use, as a user's pipeline would
-            if loaded:
-                stock.unload_lora_weights()
-            if adapter is not None:
-                stock.load_lora_weights(adapter, weight_name=WEIGHT_NAME, adapter_name=want[0])
-        stock.scheduler = getattr(diffusers, recipe.scheduler).from_config(
-            stock.scheduler.config, **recipe.scheduler_kwargs)
-        guidance = backbone.guidance_scale if recipe.cfg else 0.0
+    for method, steps in sorted(cases, key=lambda c: str(adapter_of(*c))):  # load each once
+        recipe, adapter = get_recipe(method), adapter_of(method, steps)
+        stock.set_adapter(adapter)
+        stock.set_scheduler(method)
+        guidance = sampler.backbone.guidance_scale if recipe.cfg else 0.0
         extra = {"eta": recipe.eta} if recipe.eta is not None else {}
+        if recipe.timesteps is not None:
+            extra["timesteps"] = list(recipe.timesteps)
+        else:
+            extra["num_inference_steps"] = steps
 
-        ours, theirs, same_pipe = _overhead_calls(sampler, stock, method, steps, adapter,
-                                                  guidance, extra, prompt)
-        a, b = ours(), theirs()  # warm-up, and the outputs must agree
-        same_pipe()
-        diff = int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
-        times: dict[str, list[float]] = {"generate": [], "stock": [], "same_pipe": []}
-        calls = [("generate", ours), ("stock", theirs), ("same_pipe", same_pipe)]
-        for i in range(plan.overhead_pairs):
+        def ours():
+            return sampler.generate(method, steps, [prompt], [0], adapter=adapter).images[0]  # noqa: B023
+
+        def stock_call(pipe):
+            return pipe(prompt=[prompt], guidance_scale=guidance,  # noqa: B023
+                        generator=[torch.Generator().manual_seed(0)], **extra).images[0]  # noqa: B023
+
+        calls = [("ours", ours), ("stock_unfused", lambda: stock_call(stock.unfused)),
+                 ("stock_fused", lambda: stock_call(stock.fused))]
+        images = {k: fn() for k, fn in calls}  # warm-up, and the images must agree
+        times: dict[str, list[float]] = {k: [] for k, _ in calls}
+        for i in range(pairs):
             for key, fn in (calls if i % 2 == 0 else calls[::-1]):
                 times[key].append(time_call(fn, device))
         stats = {k: summarise(v) for k, v in times.items()}
-        ratio = stats["generate"]["median_s"] / stats["stock"]["median_s"]
-        wrapper = stats["generate"]["median_s"] / stats["same_pipe"]["median_s"]
-        rows.append({"method": method, "steps": steps, **stats, "ratio": ratio,
-                     "wrapper_ratio": wrapper, "adapters_resident": len(sampler.adapters.loaded),
-                     "max_pixel_diff": diff})
-        log(f"  {method} {steps} steps: generate {1000 * stats['generate']['median_s']:.2f} ms, "
-            f"stock {1000 * stats['stock']['median_s']:.2f} ms, ratio {ratio:.3f} "
-            f"(same pipeline called directly: {wrapper:.3f}), max pixel diff {diff}")
-    del stock
-    return rows
+        med = {k: v["median_s"] for k, v in stats.items()}
+        row = {"method": method, "steps": steps,
+               "adapter": None if adapter is None else Path(adapter).name, **stats,
+               "ratio_vs_unfused": med["ours"] / med["stock_unfused"],
+               "ratio_vs_fused": med["ours"] / med["stock_fused"],
+               "max_pixel_diff_vs_unfused": _pixel_diff(images["ours"], images["stock_unfused"]),
+               "max_pixel_diff_vs_fused": _pixel_diff(images["ours"], images["stock_fused"])}
+        rows.append(row)
+        log(f"  {method:>16} {steps:>2} steps: ours {1000 * med['ours']:7.2f} ms, stock unfused "
+            f"{1000 * med['stock_unfused']:7.2f} ms ({row['ratio_vs_unfused']:.3f}x), stock fused "
+            f"{1000 * med['stock_fused']:7.2f} ms ({row['ratio_vs_fused']:.3f}x); pixel diff "
+            f"{row['max_pixel_diff_vs_unfused']}/{row['max_pixel_diff_vs_fused']}")
+    order = {c: i for i, c in enumerate(cases)}
+    return sorted(rows, key=lambda r: order[(r["method"], r["steps"])])
+
+
+def bench_vs_stock(backbone, sampler, plan: BenchPlan, adapters: dict, prompt: str,
+                   device: torch.device, log=print) -> list[dict]:
+    """``compare_with_stock`` for the plan's (method, steps) cases on this backbone."""
+    stock = StockPair(_stock_pipeline(backbone), _stock_pipeline(backbone))
+    try:
+        return compare_with_stock(sampler, stock, plan.overhead_cases,
+                                  lambda m, s: _adapter_arg(adapters, m, s), prompt,
+                                  plan.overhead_pairs, device, log)
+    finally:
+        del stock
 
 
 def bench_switch(sampler, plan: BenchPlan, adapters: dict, one_step_s: float,

@@ -71,7 +71,7 @@ def test_bench_quick_on_tiny_model(tiny_sd15, tmp_path, capsys):
     """A tiny ``bench --quick``-like run through the command line: JSON keys, tables, plot."""
     out = tmp_path / "bench.json"
     result = _run_tiny_bench(tiny_sd15, out, "tscd,dmd")
-    for key in ("header", "plan", "sampling", "overhead", "switch", "training",
+    for key in ("header", "plan", "sampling", "vs_stock", "breakdown", "grid", "switch", "training",
                 "scaling_sampling", "scaling_training", "summary"):
         assert key in result, key
     for key in ("torch", "diffusers", "cpu", "cpu_count", "device"):
@@ -80,17 +80,31 @@ def test_bench_quick_on_tiny_model(tiny_sd15, tmp_path, capsys):
     assert pairs == {("teacher", 2), ("hypersd", 1), ("hypersd", 2), ("lcm", 1), ("lcm", 2)}
     row = result["sampling"][1]
     assert {"median_s", "images_per_s", "speedup_vs_teacher"} <= set(row["b1"]) and "b2" in row
-    assert all(r["max_pixel_diff"] == 0 for r in result["overhead"])  # same images as stock
-    assert {"ratio", "wrapper_ratio", "generate", "stock"} <= set(result["overhead"][0])
+    # ours vs stock unfused / fused per (method, steps) of the plan, the same images
+    assert {(r["method"], r["steps"]) for r in result["vs_stock"]} == {
+        ("teacher", 2), ("lcm", 1), ("hypersd", 1)}
+    for r in result["vs_stock"]:
+        assert r["max_pixel_diff_vs_unfused"] <= 1 and r["max_pixel_diff_vs_fused"] <= 1, r
+        assert r["ratio_vs_unfused"] > 0 and r["ratio_vs_fused"] > 0
+    br = result["breakdown"]
+    assert br["speedup"] > 0 and br["hypersd_1step_parts_s"]["unet"] > 0
+    assert set(br["hypersd_1step_parts_s"]) == set(br["teacher_parts_s"])
+    grid = result["grid"]
+    from hypersd_core.app.service import COMPARE_METHODS, COMPARE_STEPS
+
+    assert grid["cells"] == 1 + len(COMPARE_METHODS) * len(COMPARE_STEPS)
+    assert grid["new_prompt_seed"]["median_s"] > 0
+    assert grid["errors"] < grid["cells"]  # adapters missing on the tiny model fill notes only
     assert result["switch"]["share_of_one_step"] > 0
     stages = {r["stage"]: r for r in result["training"]}
     assert set(stages) == {"tscd", "dmd"}
     assert all(r["ratio"] > 0 and r["memory"]["peak_mb"] > 0 for r in stages.values())
     assert [r["batch"] for r in result["scaling_training"]] == [1, 2]
-    assert {"hypersd1_speedup_vs_teacher", "generate_vs_stock_ratio", "switch_share_of_one_step",
-            "tscd_step_ratio"} <= set(result["summary"])
+    assert {"hypersd1_speedup_vs_teacher", "ours_vs_stock_unfused_1step", "ours_vs_stock_fused_1step",
+            "grid_s", "switch_share_of_one_step", "tscd_step_ratio"} <= set(result["summary"])
     md = out.with_suffix(".md").read_text()
     assert "| tscd |" in md and "speed-up vs teacher-2" in md
+    assert "stock unfused ms" in md and "| pipeline_overhead |" in md and "Compare grid" in md
     assert out.with_suffix(".png").stat().st_size > 0
     assert "Key figures" in capsys.readouterr().out
 
