@@ -106,7 +106,7 @@ def test_study_pairs_not_reproducible_through_generate(launched) -> None:
     demo, url = launched
     store, service = demo.hypersd["store"], demo.hypersd["service"]
     client = _client(url)
-    for _ in range(3):
+    for _ in range(2):
         a_path, b_path, caption, *_ = _show(client, demo)
         pair = store.pairs_frame().iloc[-1]
         shown = np.asarray(Image.open(a_path).convert("RGB"))
