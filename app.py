@@ -23,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
+from compare_tab.display import APP_CSS
 from compare_tab.study import study_middleware
 from compare_tab.study_results import build_study_results_tab
 from hypersd_core.app.limits import guard_decoder
@@ -86,7 +87,7 @@ def launch_kwargs(settings: AppSettings) -> dict:
     return {"server_name": settings.host, "server_port": settings.port, "share": False,
             "enable_monitoring": False, "max_file_size": settings.max_file_size,
             "allowed_paths": [], "blocked_paths": blocked_paths(settings), "ssr_mode": False,
-            "show_error": True, "footer_links": ["api"],
+            "show_error": True, "footer_links": ["api"], "css": APP_CSS,
             # study voters are identified by a server-signed cookie (compare_tab/study.py)
             "app_kwargs": {"middleware": [study_middleware(settings)]}}
 
@@ -121,7 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         # load the model while the page opens, so the first generation does not wait for it
         threading.Thread(target=lambda: _warm(service), daemon=True).start()
-    demo.launch(**launch_kwargs(settings))
+    # quiet: Gradio's own banner suggests share=True, which this app never uses
+    _, url, _ = demo.launch(**launch_kwargs(settings), quiet=True, prevent_thread_lock=True)
+    print(f"{TITLE} on {url} (no share link: --public and the settings in README decide "
+          "who can reach it)", flush=True)
+    demo.block_thread()
 
 
 def _model_kind(service: ModelService) -> str:

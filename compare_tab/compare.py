@@ -7,6 +7,7 @@ Both are public API endpoints: ``/generate`` and ``/compare``.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import gradio as gr
@@ -21,18 +22,75 @@ from hypersd_core.app.service import (
     Cell,
     ModelService,
     compare_grid,
+    default_adapter_name,
     default_rewards,
     gpu,
     lora_files,
     official_method,
     reward_choices,
+    unavailable_text,
 )
 from hypersd_core.models.sampling import RECIPES
+
+from .display import enlarge, image_classes, img_tag
 
 MAX_PROMPTS = 4
 ROW_LABELS = {"teacher": "teacher", "lcm": "LCM", "tcd": "TCD", "hypersd": "Hyper-SD N-step",
               "hypersd-unified": "Hyper-SD unified"}
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+GRID_KEY = "__grid__"  # the cells of the last grid, in the images state (not a slider choice)
+
+
+def steps_text(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def row_adapters(method: str, label: str) -> str:
+    """What a row runs with: its adapters over the grid's step counts, or the base model."""
+    if method == "teacher":
+        return "base model, CFG"
+    if "[" in label:  # an official LoRA file row
+        return "LoRA file"
+    names = dict.fromkeys(default_adapter_name(method, n) for n in COMPARE_STEPS)
+    names.pop(None, None)
+    return "adapter " + " / ".join(names) if names else "no adapter"
+
+
+def grid_html(cells: list[Cell], prompts: list[str]) -> str:
+    """The grid as a table: a header row of step counts, a header column of methods (with
+    their adapters), the teacher reference first at the size of a cell. Times and scores
+    are in the table below; a cell that could not be made says why."""
+    if not cells:
+        return ""
+    reference = [c for c in cells if c.label == "teacher (reference)"]
+    grid = [c for c in cells if c not in reference]
+    head = "".join(f"<th>{steps_text(n)}</th>" for n in COMPARE_STEPS)
+    out = ['<table class="hsd-grid" id="compare-grid"><thead><tr><th></th>', head,
+           "</tr></thead><tbody>"]
+
+    def cell_td(c: Cell) -> str:
+        if c.image is None:
+            return (f'<td><div class="note" style="width:256px;height:64px">'
+                    f"{html.escape(c.error)}</div></td>")
+        return f"<td>{img_tag(c.image, f'{c.label or c.method}, {steps_text(c.steps)}')}</td>"
+
+    for prompt in prompts:
+        suffix = f"<br><small>{html.escape(prompt)}</small>" if len(prompts) > 1 else ""
+        for ref in (r for r in reference if r.prompt == prompt):
+            out.append(f'<tr><th class="row">teacher, {ref.steps} steps<br><small>reference'
+                       f"</small>{suffix}</th>{cell_td(ref)}</tr>")
+        rows: dict[str, list[Cell]] = {}
+        for c in grid:
+            if c.prompt == prompt:
+                rows.setdefault(c.label or c.method, []).append(c)
+        for label, row in rows.items():
+            out.append(f'<tr><th class="row">{html.escape(label)}<br><small>'
+                       f"{html.escape(row_adapters(row[0].method, label))}</small>{suffix}</th>")
+            out.extend(cell_td(c) for c in row)
+            out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
 
 
 def lora_choices(settings: AppSettings) -> list[tuple[str, str]]:
@@ -100,8 +158,9 @@ def run_compare(service: ModelService, settings: AppSettings, prompts_text: str,
     order = sorted(grid, key=lambda c: (c.prompt != prompts[0], prompts.index(c.prompt)))
     gallery = [(c.image or placeholder(size, c.error), f"{c.caption}" +
                 (f" · {c.prompt}" if len(prompts) > 1 else "")) for c in order]
-    images = {f"{c.label or c.method} · {c.steps} steps · {c.prompt}": c.image
+    images = {f"{c.label or c.method} · {steps_text(c.steps)} · {c.prompt}": c.image
               for c in cells if c.image is not None}
+    images[GRID_KEY] = {"cells": cells, "prompts": prompts}  # for the headed grid view
     summary = (f"{len(cells)} cells ({len(grid)} grid + {len(reference)} reference) in "
                f"{seconds:.1f} s on {service.device}.")
     summary += "".join(f"\n- reward **{k}** unavailable: {v}" for k, v in reward_errors.items())
@@ -114,13 +173,14 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
     with gr.Row():
         prompt = gr.Textbox("a red handwritten digit 7", label="Prompt", scale=3)
         method = gr.Dropdown(list(RECIPES), value="hypersd", label="Method")
-        steps = gr.Slider(1, 50, value=1, step=1, label="Steps")
+        steps = gr.Slider(1, 50, value=RECIPES["hypersd"].default_steps, step=1, label="Steps")
         seed = gr.Number(0, precision=0, label="Seed")
-    recipe_md = gr.Markdown(_recipe_text("hypersd"))
+    recipe_md = gr.Markdown(_recipe_text("hypersd", RECIPES["hypersd"].default_steps))
     go = gr.Button("Generate", variant="primary", elem_id="generate-button")
     with gr.Row():
         image = gr.Image(label="Image", format="png", type="pil", interactive=False,
-                         elem_id="generate-image", height=256)
+                         elem_id="generate-image", height=320,
+                         elem_classes=image_classes(service.model))
         info = gr.JSON(label="Details")
 
     @gpu
@@ -137,16 +197,44 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
         cell = service.generate(method, int(steps), [prompt.strip()], [int(seed or 0)])[0]
         if cell.error:
             raise gr.Error(cell.error)
-        return cell.image, {"method": method, "steps": int(steps), "seed": int(seed or 0),
-                            "seconds": round(cell.seconds, 4), "model": service.model}
+        details = {"method": method, "steps": int(steps), "seed": int(seed or 0),
+                   "adapter": default_adapter_name(method, int(steps)),
+                   "seconds": round(cell.seconds, 4), "model": service.model}
+        note = adapter_note(method, int(steps))
+        if note:
+            details["note"] = note
+        return cell.image, details
 
-    method.change(_recipe_text, method, recipe_md, api_visibility="private")
+    def on_method(method_v: str, steps_v: float):
+        default = RECIPES[method_v].default_steps if method_v in RECIPES else int(steps_v)
+        return gr.Slider(value=default), _recipe_text(method_v, default)
+
+    method.input(on_method, [method, steps], [steps, recipe_md], api_visibility="private")
+    steps.change(_recipe_text, [method, steps], recipe_md, api_visibility="private",
+                 show_progress="hidden")
     go.click(generate, [prompt, method, steps, seed], [image, info], api_name="generate", **GPU)
 
 
-def _recipe_text(method: str) -> str:
+def adapter_note(method: str, steps: int) -> str:
+    """Says when Hyper-SD N-step runs with the adapter of another stage (3 steps: k=4)."""
     r = RECIPES.get(method)
-    return f"*{r.description}* (default {r.default_steps} steps)" if r else ""
+    name = default_adapter_name(method, steps)
+    if r is None or not r.adapter or "{k}" not in r.adapter or name is None:
+        return ""
+    k = int(name.rsplit("k", 1)[-1]) if name.rsplit("k", 1)[-1].isdigit() else None
+    if k is None or k == steps:
+        return ""
+    return (f"no TSCD stage k={steps}: {steps} steps use the k={k} adapter ({name}), "
+            f"trained for {k} steps")
+
+
+def _recipe_text(method: str, steps: float | None = None) -> str:
+    r = RECIPES.get(method)
+    if r is None:
+        return ""
+    text = f"*{r.description}* (default {r.default_steps} step{'s' * (r.default_steps != 1)})"
+    note = adapter_note(method, int(steps)) if steps else ""
+    return text + (f"  \n**Note:** {note}" if note else "")
 
 
 def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
@@ -159,20 +247,29 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
         loras = gr.CheckboxGroup(lora_choices(settings), label=(
             f"Official LoRA files to add as rows (from {settings.lora_dir.name}/ on the server)"))
         rewards = gr.CheckboxGroup(reward_choices(), value=default_rewards(), label="Rewards")
+    with gr.Accordion("Rewards not offered here", open=False, visible=bool(unavailable_text())):
+        gr.Markdown(unavailable_text())
     go = gr.Button("Compare", variant="primary", elem_id="compare-button")
     summary = gr.Markdown(label="summary")
-    with gr.Row():
-        reference = gr.Image(label="Teacher, 25 steps (reference)", format="png", type="pil",
-                             interactive=False, height=192, scale=1)
-        gallery = gr.Gallery(label="Rows: teacher / LCM / TCD / Hyper-SD N-step / Hyper-SD "
-                             "unified; columns: 1 / 2 / 4 / 8 steps", columns=len(COMPARE_STEPS),
-                             format="png", object_fit="contain", height="auto", scale=3)
+    grid_view = gr.HTML(elem_id="compare-grid-view")
     table = gr.Dataframe(label="Cells: time and reward scores", interactive=False)
+    with gr.Accordion("The cells as image files (what the /compare endpoint returns)",
+                      open=False):
+        with gr.Row():
+            reference = gr.Image(label="Teacher, 25 steps (reference)", format="png",
+                                 type="pil", interactive=False, height=256, scale=1,
+                                 elem_classes=image_classes(service.model))
+            gallery = gr.Gallery(label="Rows: teacher / LCM / TCD / Hyper-SD N-step / Hyper-SD "
+                                 "unified; columns: 1 / 2 / 4 / 8 steps",
+                                 columns=len(COMPARE_STEPS), format="png", object_fit="contain",
+                                 height="auto", scale=3,
+                                 elem_classes=image_classes(service.model, fill=False))
     images = gr.State({})
     with gr.Row():
         left = gr.Dropdown([], label="Slider: left cell")
         right = gr.Dropdown([], label="Slider: right cell")
-    slider = gr.ImageSlider(label="Compare two cells", type="pil", format="png")
+    slider = gr.ImageSlider(label="Compare two cells", type="pil", format="png",
+                            elem_classes=image_classes(service.model, fill=False))
 
     @gpu
     def compare(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str]):
@@ -182,17 +279,19 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
         return ref, cells, frame, text, imgs
 
     def fill_pickers(imgs: dict):
-        keys = list(imgs)
+        keys = [k for k in imgs if k != GRID_KEY]
+        grid = imgs.get(GRID_KEY) or {}
         return (gr.Dropdown(choices=keys, value=keys[0] if keys else None),
-                gr.Dropdown(choices=keys, value=keys[-1] if keys else None))
+                gr.Dropdown(choices=keys, value=keys[-1] if keys else None),
+                grid_html(grid.get("cells", []), grid.get("prompts", [])))
 
     def slide(imgs: dict, a: str, b: str):
-        if a in imgs and b in imgs:
-            return (imgs[a], imgs[b])
+        if a in imgs and b in imgs and GRID_KEY not in (a, b):
+            return (enlarge(imgs[a]), enlarge(imgs[b]))  # a display copy, pixelated
         return None
 
     go.click(compare, [prompts, seed, loras, rewards],
              [reference, gallery, table, summary, images], api_name="compare", **GPU
-             ).then(fill_pickers, images, [left, right], api_visibility="private")
+             ).then(fill_pickers, images, [left, right, grid_view], api_visibility="private")
     for picker in (left, right):
         picker.change(slide, [images, left, right], slider, api_visibility="private")

@@ -9,7 +9,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from hypersd_core.app.service import AppSettings, data_choices, model_choices
@@ -23,6 +22,7 @@ LIVE_STATES = ("queued", "running", "stopping")
 STAGE_LABELS = {"tscd": "TSCD", "lcm": "LCM (baseline)", "tcd": "TCD (baseline)",
                 "feedback": "feedback (ReFL + perceptual)", "dmd": "DMD one-step"}
 LOG_TAIL_BYTES = 6000
+LOG_LINES = 14  # as many as the log box shows: the newest line is always in view
 
 
 class ControlError(Exception):
@@ -225,24 +225,50 @@ def resume(run_id: str, settings: AppSettings) -> str:
         raise ControlError(f"run {run_id} is done; start a new run to train more")
     busy = chain_busy(settings)
     run.stop_path.unlink(missing_ok=True)  # the previous stop's flag must not stop the resume
-    run.write_status(state="queued", error=None, waiting_for=None, pid=None)
-    chain.spawn_driver([run], settings.runs_dir)
     ckpt = run.latest_checkpoint()
+    # the step it resumes from, and no ETA until the new process has measured its speed
+    run.write_status(state="queued", error=None, waiting_for=None, pid=None,
+                     step=checkpoint_step(ckpt), it_s=None, eta_s=None)
+    chain.spawn_driver([run], settings.runs_dir)
     where = f"from {ckpt.name}" if ckpt else "from the start (no checkpoint yet)"
     if busy and busy != run_id:
         return f"Resume of {run_id} queued {where}: it waits because run {busy} is training."
     return f"Resuming {run_id} {where}."
 
 
+def checkpoint_step(ckpt: Path | None) -> int:
+    """The step a checkpoint folder (``step-0000120``) holds; 0 for none."""
+    try:
+        return int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+    except (IndexError, ValueError):
+        return 0
+
+
 # ------------------------------------------------------------------ polling
+def shown_state(run: Run, status: dict | None = None) -> str:
+    """The state as a person should read it: a queued run that waits for nothing (its
+    process is being started, or is loading the model) is "starting"."""
+    st = status if status is not None else run.status()
+    state = st.get("state")
+    if state == "queued" and not chain.waiting_note(run) and (
+            pid_alive(st.get("pid")) or pid_alive(st.get("waiter_pid"))):
+        return "starting"
+    return state
+
+
+def run_label(run: Run, status: dict | None = None) -> str:
+    """'<run> · running' while it is live (the status line has its step), else with the step
+    it ended at: the label changes when the state does, not at every step."""
+    st = status if status is not None else run.status()
+    state = shown_state(run, st)
+    if state in (*LIVE_STATES, "starting"):
+        return f"{run.dir.name} · {state}"
+    return f"{run.dir.name} · {state} {st.get('step', 0)}/{st.get('total', 0)}"
+
+
 def run_choices(settings: AppSettings) -> list[tuple[str, str]]:
-    """(label, run id) for every run on disk, newest first."""
-    out = []
-    for run in list_runs(settings.runs_dir):
-        st = run.status()
-        out.append((f"{run.dir.name} · {st.get('state')} {st.get('step', 0)}/{st.get('total', 0)}",
-                    run.dir.name))
-    return out
+    """(label, run id) for every run on disk, newest first; the label follows its state."""
+    return [(run_label(run), run.dir.name) for run in list_runs(settings.runs_dir)]
 
 
 def default_run(settings: AppSettings) -> str:
@@ -258,12 +284,13 @@ def default_run(settings: AppSettings) -> str:
 def status_text(run: Run) -> str:
     """One Markdown paragraph: state, step/total, it/s, ETA, memory, error or wait reason."""
     st = run.status()
-    parts = [f"**{run.dir.name}**", f"state **{st.get('state')}**",
+    parts = [f"**{run.dir.name}**", f"state **{shown_state(run, st)}**",
              f"step {st.get('step', 0)}/{st.get('total', 0)}"]
     if st.get("it_s"):
         parts.append(f"{st['it_s']:.2f} it/s")
-    if st.get("state") in ("running", "stopping") and st.get("eta_s") is not None:
-        parts.append(f"ETA {_duration(st['eta_s'])}")
+    if st.get("state") in ("running", "stopping"):
+        eta = st.get("eta_s")
+        parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA: measuring speed")
     mem = memory_text(st)
     if mem:
         parts.append(mem)
@@ -296,20 +323,58 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def metric_frames(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Long-form (step, value, series) frames: losses, and reward scores per reward."""
-    loss_rows, reward_rows = [], []
+def metric_series(records: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per step: "loss" (the total and each term), "reward" (score per reward) and "lr"."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {"loss": {}, "reward": {}, "lr": {}}
     for r in records:
         step = r.get("step")
+        if not isinstance(step, (int, float)):
+            continue
         for key, value in r.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             if key.startswith("reward/"):
-                reward_rows.append((step, float(value), key.removeprefix("reward/")))
+                group, name = "reward", key.removeprefix("reward/")
             elif key == "loss" or key.startswith("loss_"):
-                loss_rows.append((step, float(value), key))
-    cols = ["step", "value", "series"]
-    return pd.DataFrame(loss_rows, columns=cols), pd.DataFrame(reward_rows, columns=cols)
+                group, name = "loss", key
+            elif key == "lr":
+                group, name = "lr", "learning rate"
+            else:
+                continue
+            out[group].setdefault(name, []).append((float(step), float(value)))
+    return out
+
+
+def loss_panels(loss: dict[str, list[tuple[float, float]]]) -> dict[str, list]:
+    """The loss terms worth a panel: the total, and each term unless it equals the total
+    (a stage with one term logs it twice)."""
+    total = dict(loss.get("loss", []))
+    out = {"loss": loss["loss"]} if "loss" in loss else {}
+    for name, points in loss.items():
+        if name == "loss":
+            continue
+        if total and all(abs(total.get(x, float("nan")) - y) <= 1e-12 * max(1.0, abs(y))
+                         for x, y in points):
+            continue
+        out[name] = points
+    return out
+
+
+def plots_html(records: list[dict]) -> tuple[str, str, str]:
+    """SVG plots (HTML) of a run's metrics: loss per term, reward scores, learning rate."""
+    from .plots import svg_plot
+
+    series = metric_series(records)
+    panels = loss_panels(series["loss"])
+    loss = "".join(svg_plot({name: points}, "total loss" if name == "loss" else name,
+                            y_label="loss", plot_id=f"loss:{name}")
+                   for name, points in panels.items())
+    loss = f'<div class="hsd-plots" id="loss-plots">{loss or svg_plot({}, "Loss", plot_id="loss")}</div>'
+    reward = svg_plot(series["reward"], "Reward scores of the fixed sample prompts",
+                      y_label="score", plot_id="reward",
+                      empty_text="no reward scores logged (set reward_every, or a feedback stage)")
+    lr = svg_plot(series["lr"], "Learning rate", y_label="lr", plot_id="lr")
+    return loss, reward, lr
 
 
 def latest_sample(run: Run) -> Path | None:
@@ -319,15 +384,20 @@ def latest_sample(run: Run) -> Path | None:
 
 
 def log_tail(run: Run, max_bytes: int = LOG_TAIL_BYTES) -> str:
-    """The end of the run's log (progress-bar carriage returns become new lines)."""
+    """The newest lines of the run's log, as a terminal shows them (a progress bar's
+    redraws collapse into its latest state)."""
     if not run.log_path.is_file():
         return ""
     size = run.log_path.stat().st_size
     with open(run.log_path, "rb") as f:
         f.seek(max(0, size - max_bytes))
         text = f.read().decode("utf-8", "replace")
-    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
-    return "\n".join(lines[-40:])
+    lines = []
+    for line in text.split("\n"):  # a progress bar redraws itself with "\r": keep what a
+        parts = [p for p in line.split("\r") if p.strip()]  # terminal shows, its last state
+        if parts:
+            lines.append(parts[-1].rstrip())
+    return "\n".join(lines[-LOG_LINES:])
 
 
 @dataclass

@@ -14,11 +14,13 @@ from hypersd_core.app.service import (
     default_rewards,
     gpu,
     reward_choices,
+    unavailable_text,
 )
 from hypersd_core.models.sampling import RECIPES
 
+from compare_tab.display import enlarge, image_classes
+
 from . import controller as ctl
-from .ui import EMPTY
 
 MAX_UPLOADS = limits.MAX_UPLOADS
 
@@ -42,23 +44,22 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
                 "it trains (set `reward_every` or a feedback stage's rewards).")
     run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,
                       label="Run")
-    plot = gr.LinePlot(EMPTY, x="step", y="value", color="series", height=280,
-                       title="Reward score per reward vs step")
+    empty = ctl.plots_html([])[1]
+    plot = gr.HTML(empty, elem_id="rewards-plot")
     offset, records = gr.State(0), gr.State([])
     timer = gr.Timer(3.0)
 
     def on_tick(run_id, offset_v, records_v, force=False):
         if not run_id:
-            return EMPTY, 0, []
+            return empty, 0, []
         try:
             p = ctl.poll(run_id, offset_v, settings)
         except ctl.ControlError:
-            return EMPTY, 0, []
+            return empty, 0, []
         records_v = ([] if p.reset else records_v) + p.records
         if not p.records and not force:
             return gr.skip(), p.offset, records_v
-        _, rewards_df = ctl.metric_frames(records_v)
-        return (rewards_df if len(rewards_df) else EMPTY), p.offset, records_v
+        return ctl.plots_html(records_v)[1], p.offset, records_v
 
     timer.tick(on_tick, [run, offset, records], [plot, offset, records],
                api_visibility="private", show_progress="hidden")
@@ -72,6 +73,7 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
     with gr.Row():
         source = gr.Radio(["generate", "upload"], value="generate", label="Images from")
         rewards = gr.CheckboxGroup(offered, value=default_rewards(), label="Rewards")
+    gr.Markdown(unavailable_text(), elem_id="rewards-unavailable")
     with gr.Row():
         method = gr.Dropdown(list(RECIPES), value="hypersd", label="Method")
         steps = gr.Dropdown([1, 2, 4, 8, 25], value=1, label="Steps")
@@ -80,7 +82,10 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
                          lines=3, label="Prompts (one per line; one prompt for all uploads)")
     uploads = gr.File(file_count="multiple", file_types=["image"], label="Images to score")
     score_btn = gr.Button("Score", variant="primary")
-    gallery = gr.Gallery(label="Scored images", columns=8, format="png", height=160)
+    gallery = gr.Gallery(label="Scored images (numbered as in the table)", columns=4,
+                         format="png", height="auto", object_fit="contain",
+                         elem_id="rewards-gallery",
+                         elem_classes=image_classes(settings.model, fill=False))
     table = gr.Dataframe(label="Scores", interactive=False)
     note = gr.Markdown()
 
@@ -105,7 +110,8 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
                 raise gr.Error(cells[0].error)
             images, prompts_l = [c.image for c in cells], lines
         frame, msg = score_table(service, images, prompts_l, rewards_v or [])
-        return images, frame, msg
+        shown = [(enlarge(im), f"{i} · {p}") for i, (im, p) in enumerate(zip(images, prompts_l), 1)]
+        return shown, frame, msg
 
     score_btn.click(on_score, [source, rewards, method, steps, seed, prompts, uploads],
                     [gallery, table, note], concurrency_id="gpu", concurrency_limit=1,

@@ -7,16 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gradio as gr
-import pandas as pd
 from PIL import Image
 
+from compare_tab.display import enlarge, image_classes, is_small, retile
 from hypersd_core.app.service import AppSettings, data_choices, model_choices
 
 from . import controller as ctl
 
 POLL_SECONDS = 2.0
-EMPTY = pd.DataFrame({"step": pd.Series(dtype=float), "value": pd.Series(dtype=float),
-                      "series": pd.Series(dtype=str)})
+SAMPLE_COLS = 2  # the run's sample strip is shown as rows of two (each cell >= 256 px)
+NO_RUN = "No runs yet: pick a stage and press Start."
 
 
 @dataclass
@@ -76,18 +76,22 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,
                           label="Run (from disk)", scale=4)
         refresh = gr.Button("Refresh list", scale=1)
-    status_md = gr.Markdown()
+    status_md = gr.Markdown(elem_id="train-status")
+    empty = ctl.plots_html([])
+    loss_plot = gr.HTML(empty[0], elem_id="train-loss")
     with gr.Row():
-        loss_plot = gr.LinePlot(EMPTY, x="step", y="value", color="series", title="Loss",
-                                height=260)
-        reward_plot = gr.LinePlot(EMPTY, x="step", y="value", color="series",
-                                  title="Reward scores of the fixed samples", height=260)
+        reward_plot = gr.HTML(empty[1], elem_id="train-reward")
+        lr_plot = gr.HTML(empty[2], elem_id="train-lr")
     with gr.Row():
-        sample = gr.Image(label="Latest sample grid", format="png", type="pil", interactive=False)
-        log = gr.Textbox(label="Log tail", lines=12, max_lines=12, autoscroll=True)
+        sample = gr.Image(label="Latest sample grid (fixed prompts)", format="png", type="pil",
+                          interactive=False, elem_id="train-sample",
+                          elem_classes=image_classes(settings.model, fill=False))
+        log = gr.Textbox(label="Log tail (newest line last)", lines=ctl.LOG_LINES,
+                         max_lines=ctl.LOG_LINES, autoscroll=True, elem_id="train-log")
     with gr.Accordion("This run's config.yaml", open=False):
         run_config = gr.Code(language="yaml", interactive=False)
     offset, records, sample_name = gr.State(0), gr.State([]), gr.State("")
+    labels = gr.State(())  # the run list's labels last shown (updated when a state changes)
     timer = gr.Timer(POLL_SECONDS)
 
     def on_stage(stage_label):
@@ -149,12 +153,14 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
     resume_btn.click(on_resume, run, action_md, api_visibility="private")
     refresh.click(refresh_runs, run, [run, init], api_visibility="private")
 
-    poll_outputs = [status_md, loss_plot, reward_plot, sample, log, offset, records, sample_name]
+    poll_outputs = [status_md, loss_plot, reward_plot, lr_plot, sample, log, offset, records,
+                    sample_name]
 
-    def on_tick(run_id, offset_v, records_v, sample_v):
-        return tick(settings, run_id, offset_v, records_v, sample_v)
+    def on_tick(run_id, offset_v, records_v, sample_v, labels_v):
+        out = tick(settings, run_id, offset_v, records_v, sample_v)
+        return (*out, *_relabel(settings, run_id, labels_v))
 
-    timer.tick(on_tick, [run, offset, records, sample_name], poll_outputs,
+    timer.tick(on_tick, [run, offset, records, sample_name, labels], [*poll_outputs, run, labels],
                api_visibility="private", show_progress="hidden")
 
     def on_select(run_id):
@@ -167,35 +173,49 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
     return TrainTab(run, offset, records, sample_name, poll_outputs)
 
 
+def _relabel(settings: AppSettings, run_id: str | None, shown: tuple) -> tuple:
+    """The run list again when a label changed (a run's state or step), else no update."""
+    choices = ctl.run_choices(settings)
+    labels = tuple(label for label, _ in choices)
+    if labels == tuple(shown):
+        return gr.skip(), gr.skip()
+    return gr.Dropdown(choices=choices, value=run_id), labels
+
+
 def tick(settings: AppSettings, run_id: str | None, offset: int, records: list,
          sample_name: str, force: bool = False) -> tuple:
-    """One poll: status, plots (only when new metrics arrived), sample grid, log tail."""
+    """One poll: status, plots (only when new metrics arrived), sample grid, log tail.
+
+    Returns (status, loss plots, reward plot, lr plot, sample grid, log, offset, records,
+    sample name); the plots are SVG in HTML.
+    """
+    empty = ctl.plots_html([])
     if not run_id:
-        return ("No runs yet: pick a stage and press Start.", EMPTY, EMPTY, None, "", 0, [], "")
+        return (NO_RUN, *empty, None, "", 0, [], "")
     try:
         p = ctl.poll(run_id, offset, settings)
     except ctl.ControlError as err:
-        return (str(err), EMPTY, EMPTY, None, "", 0, [], "")
+        return (str(err), *empty, None, "", 0, [], "")
     if p.reset:
         records = []
     records = records + p.records
-    if p.records or force:
-        loss_df, reward_df = ctl.metric_frames(records)
-        loss_out = loss_df if len(loss_df) else EMPTY
-        reward_out = reward_df if len(reward_df) else EMPTY
-    else:
-        loss_out = reward_out = gr.skip()
+    plots = ctl.plots_html(records) if (p.records or force) else (gr.skip(),) * 3
     sample_out = gr.skip()
     new_name = p.sample.name if p.sample else ""
     if new_name != sample_name or force:
-        sample_out = _load_png(p.sample) if p.sample else None
-    return (p.status, loss_out, reward_out, sample_out, p.log, p.offset, records, new_name)
+        sample_out = sample_display(p.sample) if p.sample else None
+    return (p.status, *plots, sample_out, p.log, p.offset, records, new_name)
 
 
-def _load_png(path) -> Image.Image | None:
-    """The grid as a PIL image (served through the cache: run folders are never exposed)."""
+def sample_display(path) -> Image.Image | None:
+    """The run's sample strip for the screen: digits-sized cells in rows of two, each
+    enlarged (nearest neighbour) to >= 256 px; SD-sized grids unchanged. Served through
+    Gradio's cache: run folders are never exposed."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            strip = im.convert("RGB")
     except OSError:
         return None
+    if not is_small(strip, cell=strip.height):
+        return strip
+    return enlarge(retile(strip, SAMPLE_COLS), cell=strip.height)

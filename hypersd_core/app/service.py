@@ -304,12 +304,17 @@ class ModelService:
 
     # ---- rewards
     def reward(self, name: str):
-        """A loaded reward (cached); raises with the reward's own message when unavailable."""
+        """A loaded reward (cached). A reward whose weights are not on disk is not loaded
+        (no download attempts): RewardWeightsMissing says which files it needs."""
         with self._lock:
             if name not in self._rewards:
-                from hypersd_core.rewards import load_reward
+                from hypersd_core.rewards import RewardWeightsMissing, load_reward
+                from hypersd_core.rewards.availability import availability
 
-                self._rewards[name] = load_reward(name, device=self.device)
+                found = availability(name)
+                if not found.ok:
+                    raise RewardWeightsMissing(found.note)
+                self._rewards[name] = load_reward(name, device=self.device, **found.kwargs)
             return self._rewards[name]
 
     def score(self, images: list[Image.Image], prompts: list[str],
@@ -327,8 +332,9 @@ class ModelService:
                 with self._lock, torch.no_grad():
                     values = self.reward(name).score(images, prompts)
                 scores[name] = [float(v) for v in values.detach().cpu()]
-            except Exception as err:  # a reward's failure must not break the page
-                errors[name] = f"{type(err).__name__}: {err}"
+            except Exception as err:  # a reward's failure must not break the page: one line
+                text = " ".join(f"{type(err).__name__}: {err}".split())
+                errors[name] = text if len(text) <= 300 else text[:297] + "..."
         return scores, errors
 
     def score_cells(self, cells: list[Cell], names: list[str]) -> dict[str, str]:
@@ -350,12 +356,34 @@ def default_adapter_name(method: str, steps: int) -> str | None:
 
 
 def reward_choices() -> list[str]:
-    """Rewards the app offers for scoring generated images ([] if the module is missing)."""
+    """Rewards the app offers for scoring generated images: those whose weights are on
+    disk ([] if the module is missing)."""
     try:
         from hypersd_core.rewards import available_rewards
+        from hypersd_core.rewards.availability import availability
     except ImportError:
         return []
-    return [r for r in available_rewards() if r not in NEEDS_TARGETS]
+    return [r for r in available_rewards() if r not in NEEDS_TARGETS and availability(r).ok]
+
+
+def unavailable_rewards() -> dict[str, str]:
+    """Rewards not offered because their weights are missing: name -> what they need."""
+    try:
+        from hypersd_core.rewards import available_rewards
+        from hypersd_core.rewards.availability import availability
+    except ImportError:
+        return {}
+    found = [availability(r) for r in available_rewards() if r not in NEEDS_TARGETS]
+    return {a.name: a.note for a in found if not a.ok}
+
+
+def unavailable_text() -> str:
+    """Markdown lines naming the rewards that are off and the files each needs."""
+    off = unavailable_rewards()
+    if not off:
+        return ""
+    return "Rewards not offered (weights not found; no downloads are attempted):\n" + "".join(
+        f"\n- **{name}** {note}" for name, note in off.items())
 
 
 def default_rewards(model_kind: str = "digits") -> list[str]:

@@ -93,6 +93,7 @@ def start_when_free(run: Run, runs_root: str | Path, poll_s: float = 2.0,
         if run.stop_requested() or run.status().get("state") == "stopped":
             run.write_status(state="stopped", waiting_for=None,
                              error="stopped before it started")
+            run.stop_path.unlink(missing_ok=True)  # honoured: no stale flag in the folder
             return None
         with device_lock(runs_root):
             busy = active_run(runs_root)
@@ -118,6 +119,7 @@ def drive(runs: list[Run], runs_root: str | Path, poll_s: float = 2.0,
         if proc is not None:
             log(f"started {run.dir.name} (pid {proc.pid})")
             proc.wait()
+            run.stop_path.unlink(missing_ok=True)  # the process has ended: a stop flag is spent
         state = run.status().get("state")
         log(f"{run.dir.name}: {state}")
         if state != "done":
@@ -155,7 +157,22 @@ def waiting_note(run: Run) -> str:
         return f"waits because run {status['waiting_for']} is training on this device"
     if status.get("waiter_pid") and not pid_alive(status.get("waiter_pid")):
         return "queued, but its chain process is gone: press Resume to start it"
-    return "queued: waits for the previous stage of its chain"
+    previous = previous_stage(run)
+    if previous is not None and previous.status().get("state") != "done":
+        return f"waits for the previous stage of its chain, {previous.dir.name}"
+    return ""  # nothing to wait for: its process is being started
+
+
+def previous_stage(run: Run) -> Run | None:
+    """The run whose final adapter this run starts from (a chain's previous stage), if any."""
+    try:
+        init = run.config().init_adapter
+    except (OSError, ValueError):
+        return None
+    if not init:
+        return None
+    folder = Path(init).parent.parent  # <run>/final/pytorch_lora_weights.safetensors
+    return Run(folder) if (folder / "config.yaml").is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,7 +125,8 @@ def test_compare_all_cells_png(client):
     assert len(cells) == 6 * 4  # five methods + one official LoRA row, x 1/2/4/8 steps
     assert all(is_png(c["image"]) for c in cells)
     captions = [c["caption"] for c in cells]
-    assert all(f"· {n} steps" in captions[i] for i, n in enumerate([1, 2, 4, 8] * 6))
+    assert all(f"· {n} step{'s' * (n > 1)} ·" in captions[i]
+               for i, n in enumerate([1, 2, 4, 8] * 6))
     # the tiny model ships no adapters: those cells say so instead of breaking the grid
     assert sum("not available" in c for c in captions) == 16
     assert all(" s" in c and "not available" not in c for c in captions[:4] + captions[20:])
@@ -187,16 +188,17 @@ def test_short_training_run_polled_to_done_and_plotted(env):
 
     def done():
         out = tick(env, run.dir.name, state["offset"], state["records"], state["sample"])
-        state.update(offset=out[5], records=out[6], sample=out[7], out=out)
+        state.update(offset=out[6], records=out[7], sample=out[8], out=out)
         return run.status()["state"] in ("done", "failed")
 
     _wait(done, 240, "the 3-step run to finish")
     status = run.status()
     assert status["state"] == "done", (status, ctl.log_tail(run))
     out = tick(env, run.dir.name, 0, [], "", force=True)
-    loss_df = out[1]
-    assert list(loss_df[loss_df.series == "loss"].step) == [1, 2, 3]
-    assert out[3] is not None and out[3].size[0] > 0  # the latest sample grid (PIL)
+    assert [x for x, _ in ctl.metric_series(out[7])["loss"]["loss"]] == [1, 2, 3]
+    assert out[1].count('class="hsd-line"') >= 1 and out[3].count('class="hsd-line"') == 1
+    assert out[1].count("<circle") >= 3  # loss and lr drawn, one marker per step
+    assert out[4] is not None and out[4].size[0] >= 256  # the sample grid, enlarged (PIL)
     assert "state **done**" in out[0] and "step 3/3" in out[0]
     assert run.dir.name in [rid for _, rid in ctl.init_choices(env)]  # usable by the next stage
 
