@@ -191,11 +191,12 @@ def _scaling_tables(result: dict) -> list[str]:
 def gpu_lines(gpu: dict | None) -> list[str]:
     """A short table of the GPU check, or the line saying it was not run."""
     if not gpu or gpu.get("dry_run"):
-        return ["GPU figures: not run (no GPU in this environment). The check is ready: "
-                "`python -m hypersd_core bench --gpu` (full-size SDXL at 1024 and SD1.5 at 512 "
-                "with random weights from `assets/configs/`, sized for under 8 minutes on one H100 "
-                "but not yet run on one; `--dry-run` runs the same code on the CPU at tiny sizes, "
-                "as the tests do)."]
+        return ["GPU figures: not run on a GPU. The check is ready: "
+                "`python -m hypersd_core bench --gpu --out bench_gpu.json` (full-size SDXL at 1024 "
+                "and SD1.5 at 512 with random weights from `assets/configs/`, bf16: sampling "
+                "latency and a 2-step training smoke run of every stage type with its peak "
+                "memory; sized for under 7 minutes on one H100, exits non-zero if any part "
+                "fails; `--dry-run` runs the same code on the CPU at tiny sizes, as the tests do)."]
     head = gpu["header"]
     out = [f"GPU check on {head.get('gpu', '?')} ({gpu['dtype']}, random weights, "
            f"{gpu['seconds']:.0f} s):", "",
@@ -212,6 +213,27 @@ def gpu_lines(gpu: dict | None) -> list[str]:
                    f"{100 * vae.get('decode_and_postprocess_share', 0):.0f}% | "
                    f"{fused.get('fused_1step_ms', '-')} | {_train_cell(train, 1)} | "
                    f"{_train_cell(train, 2)} |")
+    return out + smoke_lines(gpu)
+
+
+def smoke_lines(gpu: dict) -> list[str]:
+    """Peak allocated memory (GiB) of each stage's 2-step smoke run, batch 1, checkpointing."""
+    stages = [n for n in ("tscd", "tscd_adv", "lcm", "tcd", "feedback", "dmd")
+              if any(f"smoke_{n}" in m for m in gpu["models"].values())]
+    if not stages:
+        return []
+    out = ["", "Training smoke run (2 steps, batch 1, the preset's rank, gradient checkpointing; "
+           "peak allocated GiB, or the error):", "",
+           "| model | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for kind, m in gpu["models"].items():
+        cells = []
+        for n in stages:
+            row = m.get(f"smoke_{n}", {})
+            cells.append(f"{row['peak_mb'] / 1024:.1f}" if "peak_mb" in row
+                         else ("error" if "error" in row else "-"))
+        out.append(f"| {kind} | " + " | ".join(cells) + " |")
+    if gpu.get("errors"):
+        out += ["", "Failed parts: " + "; ".join(gpu["errors"])]
     return out
 
 

@@ -29,6 +29,7 @@ TINY_ARGS = ["--quick", "--steps", "1,2", "--methods", "hypersd,lcm", "--teacher
              "--repeats", "1", "--big-batch", "2", "--train-batch", "2", "--batches", "1,2"]
 
 
+@pytest.mark.slow  # every part of both models (the smoke steps: tests/bench/test_gpu_check.py)
 def test_gpu_check_dry_run(tmp_path):
     """The GPU check's code at tiny sizes on the CPU: every part runs, one JSON file."""
     from hypersd_core.bench.gpu import load_configs, run_gpu_check
