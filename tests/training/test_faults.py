@@ -363,3 +363,43 @@ def test_decompression_bomb_upload_is_refused_with_bounded_rss(tmp_path, monkeyp
     finally:
         demo.close()
         demo.hypersd["store"].close()
+
+
+# ----------------------------------------------------------- hostile input, one line each
+@pytest.mark.parametrize("text,message", [
+    ("steps: 10\nlr: [1, 2\nk: 8\n", "bad.yaml:3:2: invalid YAML"),
+    ("hello\n", "bad.yaml: expected a mapping of settings"),
+    ("steps: true\n", "steps must be int, got True"),
+    ("lr: .inf\n", "lr must be finite, got inf"),
+    ("sample_prompts: []\n", "sample_prompts must be a non-empty list"),
+    ("seed: 1180591620717411303424\n", "seed must be in [0, 4294967295]"),
+    ("sample_steps: 2000\n", "sample_steps must be in [0, 1000]"),
+    ("rewards: {digits-quality: true}\n", "rewards must be dict"),
+])
+def test_bad_yaml_and_values_are_one_line(tmp_path, text, message):
+    from hypersd_core.training.config import load_preset
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_preset(str(path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_lora_of_another_architecture_is_one_line(tiny_sd15, tiny_sdxl, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from hypersd_core.models.lora import add_lora, check_lora_fits, load_lora_into, save_lora
+
+    sdxl = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    add_lora(sdxl, 4, 4.0)
+    file = save_lora(sdxl, tmp_path / "sdxl-lora")
+    sd15 = UNet2DConditionModel.from_pretrained(tiny_sd15 / "unet")
+    with pytest.raises(ValueError) as err:
+        check_lora_fits(sd15, file)
+    text = str(err.value)
+    assert "does not fit this model: layer " in text and "lora_A (" in text and "\n" not in text
+    check_lora_fits(sdxl, file)  # its own model: silent
+    add_lora(sd15, 4, 4.0, adapter_name="student")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_lora_into(sd15, file, "student")
