@@ -214,6 +214,7 @@ def test_login_rules() -> None:
     assert "voter cookie" in identify(no_cookie, None, cookies, StudyConfig())
     assert identify(no_cookie, None, cookies, StudyConfig(allow_session=True)) == \
         ("session:s1", "session")
-    tampered = SimpleNamespace(cookies={COOKIE: valid[:-1] + "0"}, session_hash="s1",
+    flipped = valid[:-1] + ("1" if valid[-1] == "0" else "0")  # a different signature
+    tampered = SimpleNamespace(cookies={COOKIE: flipped}, session_hash="s1",
                                username=None)
     assert "voter cookie" in identify(tampered, None, cookies, StudyConfig())
