@@ -46,7 +46,7 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nTrajectory-segmented consistency distillation, human feedback "
                     f"and one-step score distillation, runnable. Model: `{settings.model}`.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 build_generate_tab(settings, service)
             with gr.Tab("Compare", id="compare"):
@@ -54,11 +54,19 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
             with gr.Tab("Train & Monitor", id="train"):
                 train = build_train_tab(settings)
             with gr.Tab("Rewards", id="rewards"):
-                build_rewards_tab(settings, service, train.run)
+                rewards_timer = build_rewards_tab(settings, service, train.run)
             with gr.Tab("User study", id="study"):
                 build_study_tab(settings, service, store, config)
             with gr.Tab("Study results", id="study-results") as results_tab:
                 build_study_results_tab(settings, store, config, results_tab)
+
+        def poll_only_shown(evt: gr.SelectData):
+            """Only the shown tab's timer polls its run: a hidden tab costs no CPU."""
+            return (gr.Timer(active=evt.value == "Train & Monitor"),
+                    gr.Timer(active=evt.value == "Rewards"))
+
+        tabs.select(poll_only_shown, None, [train.timer, rewards_timer],
+                    api_visibility="private", show_progress="hidden", concurrency_limit=None)
 
         def reattach():
             """After a reload or restart: list runs from disk and select the live one."""

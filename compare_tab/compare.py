@@ -64,9 +64,8 @@ def grid_html(cells: list[Cell], prompts: list[str]) -> str:
         return ""
     reference = [c for c in cells if c.label == "teacher (reference)"]
     grid = [c for c in cells if c not in reference]
-    head = "".join(f"<th>{steps_text(n)}</th>" for n in COMPARE_STEPS)
-    out = ['<table class="hsd-grid" id="compare-grid"><thead><tr><th></th>', head,
-           "</tr></thead><tbody>"]
+    head = "<tr><th></th>" + "".join(f"<th>{steps_text(n)}</th>" for n in COMPARE_STEPS) + "</tr>"
+    out = ['<table class="hsd-grid" id="compare-grid"><tbody>']
 
     def cell_td(c: Cell) -> str:
         if c.image is None:
@@ -76,9 +75,10 @@ def grid_html(cells: list[Cell], prompts: list[str]) -> str:
 
     for prompt in prompts:
         suffix = f"<br><small>{html.escape(prompt)}</small>" if len(prompts) > 1 else ""
-        for ref in (r for r in reference if r.prompt == prompt):
+        for ref in (r for r in reference if r.prompt == prompt):  # above the step columns
             out.append(f'<tr><th class="row">teacher, {ref.steps} steps<br><small>reference'
                        f"</small>{suffix}</th>{cell_td(ref)}</tr>")
+        out.append(head)
         rows: dict[str, list[Cell]] = {}
         for c in grid:
             if c.prompt == prompt:
@@ -247,7 +247,8 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
         loras = gr.CheckboxGroup(lora_choices(settings), label=(
             f"Official LoRA files to add as rows (from {settings.lora_dir.name}/ on the server)"))
         rewards = gr.CheckboxGroup(reward_choices(), value=default_rewards(), label="Rewards")
-    with gr.Accordion("Rewards not offered here", open=False, visible=bool(unavailable_text())):
+    with gr.Accordion("Rewards not offered here (weights not found)", open=False,
+                      visible=bool(unavailable_text())):
         gr.Markdown(unavailable_text())
     go = gr.Button("Compare", variant="primary", elem_id="compare-button")
     summary = gr.Markdown(label="summary")

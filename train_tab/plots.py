@@ -64,7 +64,7 @@ def svg_plot(series: Series, title: str, x_label: str = "step", y_label: str = "
     series = {k: v for k, v in series.items() if v}
     names = list(series)
     rows = math.ceil(len(names) / 3)
-    height = HEIGHT + rows * LEGEND_ROW
+    height = HEIGHT + 12 + rows * LEGEND_ROW
     attrs = (f'class="hsd-plot" data-plot="{html.escape(plot_id)}" '
              f'viewBox="0 0 {WIDTH} {height}" width="100%" role="img" '
              f'aria-label="{html.escape(title)}" style="max-width:{WIDTH * 1.6:.0f}px;'
@@ -119,7 +119,7 @@ def svg_plot(series: Series, title: str, x_label: str = "step", y_label: str = "
         out.append("</g>")
     for i, name in enumerate(names):  # legend under the x-axis label, three per row
         lx = left + (i % 3) * (pw / 3)
-        ly = HEIGHT + (i // 3) * LEGEND_ROW - 2
+        ly = HEIGHT + 10 + (i // 3) * LEGEND_ROW
         last = series[name][-1][1]
         out.append(f'<g class="hsd-legend"><line x1="{lx:.1f}" x2="{lx + 18:.1f}" y1="{ly - 4}" '
                    f'y2="{ly - 4}" stroke="{colour_for(name, names)}" stroke-width="3"/>'

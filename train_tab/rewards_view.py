@@ -38,8 +38,10 @@ def score_table(service: ModelService, images: list[Image.Image], prompts: list[
     return frame, note
 
 
-def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: gr.Dropdown):
-    """The rewards view; ``train_run`` is the Train tab's run picker (kept in sync)."""
+def build_rewards_tab(settings: AppSettings, service: ModelService,
+                      train_run: gr.Dropdown) -> gr.Timer:
+    """The rewards view; ``train_run`` is the Train tab's run picker (kept in sync).
+    Returns the timer that polls the run (off until the tab is shown: app.py switches it)."""
     gr.Markdown("Reward-model scores of the selected run's fixed sample prompts, logged while "
                 "it trains (set `reward_every` or a feedback stage's rewards).")
     run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,
@@ -47,7 +49,7 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
     empty = ctl.plots_html([])[1]
     plot = gr.HTML(empty, elem_id="rewards-plot")
     offset, records = gr.State(0), gr.State([])
-    timer = gr.Timer(3.0)
+    timer = gr.Timer(3.0, active=False)
 
     def on_tick(run_id, offset_v, records_v, force=False):
         if not run_id:
@@ -73,7 +75,9 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
     with gr.Row():
         source = gr.Radio(["generate", "upload"], value="generate", label="Images from")
         rewards = gr.CheckboxGroup(offered, value=default_rewards(), label="Rewards")
-    gr.Markdown(unavailable_text(), elem_id="rewards-unavailable")
+    with gr.Accordion("Rewards not offered here (weights not found)", open=False,
+                      visible=bool(unavailable_text())):
+        gr.Markdown(unavailable_text(), elem_id="rewards-unavailable")
     with gr.Row():
         method = gr.Dropdown(list(RECIPES), value="hypersd", label="Method")
         steps = gr.Dropdown([1, 2, 4, 8, 25], value=1, label="Steps")
@@ -116,3 +120,4 @@ def build_rewards_tab(settings: AppSettings, service: ModelService, train_run: g
     score_btn.click(on_score, [source, rewards, method, steps, seed, prompts, uploads],
                     [gallery, table, note], concurrency_id="gpu", concurrency_limit=1,
                     api_visibility="private")
+    return timer

@@ -28,6 +28,7 @@ class TrainTab:
     records: gr.State
     sample_name: gr.State
     poll_outputs: list
+    timer: gr.Timer  # polls while the tab is shown (app.py switches it with the tabs)
 
 
 def _first_preset(stage: str) -> str | None:
@@ -92,7 +93,7 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         run_config = gr.Code(language="yaml", interactive=False)
     offset, records, sample_name = gr.State(0), gr.State([]), gr.State("")
     labels = gr.State(())  # the run list's labels last shown (updated when a state changes)
-    timer = gr.Timer(POLL_SECONDS)
+    timer = gr.Timer(POLL_SECONDS, active=False)
 
     def on_stage(stage_label):
         first = _first_preset(stage_label)
@@ -170,7 +171,7 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
 
     run.change(on_select, run, [*poll_outputs, run_config], api_visibility="private",
                show_progress="hidden")
-    return TrainTab(run, offset, records, sample_name, poll_outputs)
+    return TrainTab(run, offset, records, sample_name, poll_outputs, timer)
 
 
 def _relabel(settings: AppSettings, run_id: str | None, shown: tuple) -> tuple:

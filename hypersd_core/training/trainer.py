@@ -252,7 +252,10 @@ def _train(run: Run, resume: bool) -> dict:
     signal.signal(signal.SIGTERM, on_sigint)
     if main:
         run.stop_path.unlink(missing_ok=True) if not resume else None
-        run.write_status(state="running", pid=os.getpid(), step=0, total=cfg.steps, error=None,
+        # a resumed run keeps showing the step it resumes from (not 0) while it loads, and no
+        # ETA from the previous process until this one has measured its speed
+        run.write_status(state="running", pid=os.getpid(), total=cfg.steps, error=None,
+                         **({"it_s": None, "eta_s": None} if resume else {"step": 0}),
                          device=str(accelerator.device), processes=accelerator.num_processes)
     try:
         backbone = load_backbone(cfg.model, device=str(accelerator.device),
