@@ -36,7 +36,7 @@ from .display import enlarge, image_classes, img_tag
 
 MAX_PROMPTS = 4
 ROW_LABELS = {"teacher": "teacher", "lcm": "LCM", "tcd": "TCD", "hypersd": "Hyper-SD N-step",
-              "hypersd-unified": "Hyper-SD unified"}
+              "hypersd-unified": "Hyper-SD unified", "hypersd-unet": "Hyper-SD one-step UNet"}
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 GRID_KEY = "__grid__"  # the cells of the last grid, in the images state (not a slider choice)
 
@@ -92,7 +92,6 @@ def grid_html(cells: list[Cell], prompts: list[str]) -> str:
     return "".join(out)
 
 
-
 def lora_choices(settings: AppSettings) -> list[tuple[str, str]]:
     """(file name relative to the LoRA folder, same) for every LoRA file the server has."""
     root = settings.lora_dir
@@ -126,9 +125,13 @@ def cells_table(cells: list[Cell]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def method_rows(loras: list[str] | None, settings: AppSettings) -> list[tuple[str, str | None, str]]:
-    """(recipe, adapter file, label) rows: the five methods, then each chosen LoRA file."""
+def method_rows(loras: list[str] | None, settings: AppSettings,
+                service: ModelService | None = None) -> list[tuple[str, str | None, str]]:
+    """(recipe, adapter file, label) rows: the five methods, the one-step UNet when the
+    model has one, then each chosen LoRA file."""
     rows = [(m, None, ROW_LABELS[m]) for m in COMPARE_METHODS]
+    if service is not None and service.has_onestep_unet():
+        rows.append(("hypersd-unet", None, ROW_LABELS["hypersd-unet"]))
     for name in loras or []:
         method, _ = official_method(resolve_lora(name, settings))
         rows.append((method, str(resolve_lora(name, settings)), f"{Path(name).stem} [{method}]"))
@@ -136,7 +139,8 @@ def method_rows(loras: list[str] | None, settings: AppSettings) -> list[tuple[st
 
 
 def run_compare(service: ModelService, settings: AppSettings, prompts_text: str, seed: float,
-                loras: list[str] | None, rewards: list[str] | None):
+                loras: list[str] | None, rewards: list[str] | None, control_image=None,
+                control_scale: float = 1.0):
     """Grid cells for up to MAX_PROMPTS prompts; returns (reference, gallery, table, summary, images)."""
     try:  # bounded before anything is generated (hypersd_core/app/limits.py)
         prompts = limits.prompt_lines(prompts_text, MAX_PROMPTS)
@@ -147,7 +151,8 @@ def run_compare(service: ModelService, settings: AppSettings, prompts_text: str,
         raise gr.Error("enter a prompt")
     try:
         cells, reward_errors, seconds = compare_grid(
-            service, prompts, seeds, method_rows(loras, settings), COMPARE_STEPS, rewards or [])
+            service, prompts, seeds, method_rows(loras, settings, service), COMPARE_STEPS,
+            rewards or [], control_image=control_image, control_scale=control_scale)
     except FileNotFoundError as err:  # the base model itself is missing
         raise gr.Error(str(err)) from None
     if all(c.image is None for c in cells):  # a failure, not a grid of placeholders
@@ -294,5 +299,23 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
     go.click(compare, [prompts, seed, loras, rewards],
              [reference, gallery, table, summary, images], api_name="compare", **GPU
              ).then(fill_pickers, images, [left, right, grid_view], api_visibility="private")
+
+    from .control import build_control_block, control_from_inputs
+
+    sketch, pick, scale, go_control, preview = build_control_block()
+
+    @gpu
+    def compare_control(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str],
+                        sketch_v, pick_v: str, scale_v: float):
+        """The grid under the digits ControlNet: a drawing or a held-out mask, a scale."""
+        control = control_from_inputs(sketch_v, pick_v)
+        ref, cells, frame, text, imgs = run_compare(service, settings, prompts_text, seed, loras_v,
+                                                    rewards_v, control, float(scale_v))
+        return ref, cells, frame, text, imgs, control
+
+    go_control.click(compare_control, [prompts, seed, loras, rewards, sketch, pick, scale],
+                     [reference, gallery, table, summary, images, preview],
+                     api_name="compare_control", **GPU
+                     ).then(fill_pickers, images, [left, right, grid_view], api_visibility="private")
     for picker in (left, right):
         picker.change(slide, [images, left, right], slider, api_visibility="private")

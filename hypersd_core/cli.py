@@ -165,6 +165,43 @@ def cmd_chain(args) -> int:
     return 0
 
 
+def cmd_build_extra(args) -> int:
+    """build-controlnet / build-onestep-unet / build-style (digits world)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("max_seconds", args.max_seconds)) if v is not None}
+    if args.command == "build-controlnet":
+        from hypersd_core.digits.controlnet import ControlNetConfig, build_controlnet
+
+        kw = {"out": args.out} if args.out else {}
+        info = build_controlnet(cfg=ControlNetConfig(**overrides), device=args.device, **kw)
+    elif args.command == "build-onestep-unet":
+        from hypersd_core.digits.onestep import OneStepConfig, build_onestep_unet
+
+        kw = {"out": args.out} if args.out else {}
+        info = build_onestep_unet(cfg=OneStepConfig(**overrides), device=args.device, **kw)
+    else:
+        from hypersd_core.digits.style import StyleConfig, build_style
+
+        kw = {"out": args.out} if args.out else {}
+        if args.net_steps:
+            overrides["style_net_steps"] = args.net_steps
+        info = build_style(cfg=StyleConfig(**overrides), device=args.device, **kw)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_evaluate_extra(args) -> int:
+    from hypersd_core.digits import evaluate_extra
+
+    if args.command == "evaluate-control":
+        return evaluate_extra.main_control(args)
+    return evaluate_extra.main_style(args)
+
+
 def cmd_evaluate(args) -> int:
     from hypersd_core.digits.evaluate import main_evaluate
 
@@ -284,6 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(fn=cmd_evaluate)
+
+    for name, text in (
+            ("build-controlnet", "train the digits ControlNet (ink-mask control) into assets"),
+            ("build-onestep-unet", "train the digits one-step full UNet (hypersd-unet) into assets"),
+            ("build-style", "fine-tune the glow style backbone and its style net into assets")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--steps", type=_positive_int)
+        p.add_argument("--batch-size", type=_positive_int)
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        p.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+        p.add_argument("--max-seconds", type=float, help="stop training after this long")
+        p.add_argument("--out", help="output folder (default: the shipped one in assets/digits)")
+        if name == "build-style":
+            p.add_argument("--net-steps", type=_positive_int, help="style-net training steps")
+        p.set_defaults(fn=cmd_build_extra)
+
+    from hypersd_core.digits.evaluate_extra import add_control_arguments, add_style_arguments
+
+    p = sub.add_parser("evaluate-control", help="control IoU / accuracy table with the ControlNet")
+    add_control_arguments(p)
+    p.set_defaults(fn=cmd_evaluate_extra)
+    p = sub.add_parser("evaluate-style", help="base adapters on the glow style backbone: table")
+    add_style_arguments(p)
+    p.set_defaults(fn=cmd_evaluate_extra)
 
     p = sub.add_parser("bench", help="speed, memory and scaling benchmarks (--gpu: GPU check)")
     from hypersd_core.bench.run import add_arguments as add_bench_arguments

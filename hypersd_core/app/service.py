@@ -21,6 +21,7 @@ from hypersd_core.study.store import STUDY_YAML
 COMPARE_METHODS = ("teacher", "lcm", "tcd", "hypersd", "hypersd-unified")
 COMPARE_STEPS = (1, 2, 4, 8)
 TEACHER_REFERENCE_STEPS = 25
+ONE_STEP_ONLY = ("hypersd-unet",)  # rows shown at 1 step only in the grid
 REFERENCE_CACHE = 64  # teacher references kept per model service (prompt, seed)
 SCORED_REWARDS = ("digits-quality", "digits-alignment")  # default scores on the digits world
 NEEDS_TARGETS = ("perception", "digits-perception")  # losses against ground truth: not for generated images
@@ -122,6 +123,10 @@ def model_choices(settings: AppSettings) -> list[str]:
     from hypersd_core.models.single_file import NotACheckpointError, detect_single_file_kind
 
     found = ["digits"]
+    from hypersd_core.digits.style import STYLE_PIPELINE  # the shipped style backbone
+
+    if (STYLE_PIPELINE / "model_index.json").is_file():
+        found.append(str(STYLE_PIPELINE))
     if settings.model not in found:
         found.append(settings.model)
     if settings.models_dir.is_dir():
@@ -208,9 +213,10 @@ def clean_image(image: Image.Image) -> Image.Image:
 class ModelService:
     """One base model in memory (loaded on first use), used by one call at a time."""
 
-    def __init__(self, model: str, device: str | None = None):
+    def __init__(self, model: str, device: str | None = None, controlnet: str = "digits"):
         self.model = model
         self.device = device or ("cuda" if _cuda() else "cpu")
+        self.controlnet = controlnet  # loaded on the first call with a control image
         self._sampler = None
         self._lock = threading.RLock()
         self._rewards: dict[str, object] = {}
@@ -261,13 +267,32 @@ class ModelService:
         sampler = self.sampler
         return name in sampler.backbone.adapter_dirs or name in sampler.adapters.loaded
 
+    def has_onestep_unet(self) -> bool:
+        """True when "hypersd-unet" has a full one-step UNet for this model."""
+        with self._lock:
+            return self.sampler.full_unet("hypersd-unet", None) is not None
+
+    def ensure_controlnet(self) -> None:
+        """Load ``self.controlnet`` into the sampler (once); raises if it is missing."""
+        with self._lock:
+            if self.sampler.controlnet is None:
+                from hypersd_core.models.controlnet import load_controlnet
+
+                self.sampler.set_controlnet(load_controlnet(self.controlnet, device=self.device))
+
     def generate(self, method: str, steps: int, prompts: list[str], seeds: list[int],
-                 adapter: str | None = None, label: str = "") -> list[Cell]:
-        """One cell per prompt; a missing adapter or a failed call fills ``error``."""
+                 adapter: str | None = None, label: str = "", control_image=None,
+                 control_scale: float = 1.0) -> list[Cell]:
+        """One cell per prompt; a missing adapter or a failed call fills ``error``.
+        With ``control_image`` (a PIL image) the call runs under the ControlNet."""
         cells = [Cell(method, steps, p, s, label=label) for p, s in zip(prompts, seeds)]
         try:
             with self._lock:
-                gen = self.sampler.generate(method, steps, prompts, seeds, adapter=adapter)
+                if control_image is not None:
+                    self.ensure_controlnet()
+                gen = self.sampler.generate(method, steps, prompts, seeds, adapter=adapter,
+                                            control_image=control_image,
+                                            controlnet_conditioning_scale=control_scale)
         except Exception as err:  # one failed cell must not break a grid
             msg = str(err).strip("'\"") or type(err).__name__
             if "needs the adapter" in msg:
@@ -395,6 +420,7 @@ def default_rewards(model_kind: str = "digits") -> list[str]:
 def compare_grid(service: ModelService, prompts: list[str], seeds: list[int],
                  methods: list[tuple[str, str | None, str]], steps: tuple[int, ...] = COMPARE_STEPS,
                  rewards: list[str] | None = None, teacher_reference: bool = True,
+                 control_image=None, control_scale: float = 1.0,
                  ) -> tuple[list[Cell], dict[str, str], float]:
     """Every (method, steps) cell for the prompts, plus the teacher at 25 steps.
 
@@ -409,15 +435,20 @@ def compare_grid(service: ModelService, prompts: list[str], seeds: list[int],
 
     Args:
         methods: (recipe name, adapter file or None, row label) per row.
+        control_image, control_scale: every cell (reference too) under the ControlNet.
     Returns:
         cells (reference first, then row by row), reward errors, total seconds.
     """
     t0 = time.perf_counter()
+    control = {"control_image": control_image, "control_scale": control_scale}
     pairs = list(dict.fromkeys(zip(prompts, seeds)))  # each (prompt, seed) once
     uniq_prompts, uniq_seeds = [p for p, _ in pairs], [s for _, s in pairs]
     cells: list[Cell] = []
-    if teacher_reference:
+    if teacher_reference and control_image is None:
         cells += service.reference(prompts, seeds)
+    elif teacher_reference:  # the cache holds uncontrolled references only
+        cells += service.generate("teacher", TEACHER_REFERENCE_STEPS, prompts, seeds,
+                                  label="teacher (reference)", **control)
     jobs = [(i, method, adapter, label, n) for i, (method, adapter, label) in enumerate(methods)
             for n in steps]
 
@@ -428,7 +459,12 @@ def compare_grid(service: ModelService, prompts: list[str], seeds: list[int],
     made: dict[tuple, dict[tuple[str, int], Cell]] = {}
     for job in sorted(jobs, key=adapter_key):  # stable: row order within an adapter
         _, method, adapter, label, n = job
-        out = service.generate(method, n, uniq_prompts, uniq_seeds, adapter=adapter, label=label)
+        if method in ONE_STEP_ONLY and n != 1:  # timesteps=[800]: every count is 1 step
+            out = [Cell(method, n, p, s, label=label, error="one-step model: 1 step only")
+                   for p, s in zip(uniq_prompts, uniq_seeds)]
+        else:
+            out = service.generate(method, n, uniq_prompts, uniq_seeds, adapter=adapter,
+                                   label=label, **control)
         made[job] = {(c.prompt, c.seed): c for c in out}
     for job in jobs:
         cells += [replace(made[job][key], scores={}) for key in zip(prompts, seeds)]

@@ -99,6 +99,38 @@ class Sampler:
         self.prompts = PromptCache(backbone.pipe)  # embeddings per text, reused across calls
         self._schedulers: dict[str, object] = {}
         self.base_scheduler = backbone.pipe.scheduler
+        self.controlnet = None  # set_controlnet(): control images go through the stock
+        self._control_pipe = None  # ControlNet pipeline over the same modules
+        self._unets: dict[str, object] = {}  # full UNets (the one-step UNet), by source
+
+    def set_controlnet(self, controlnet) -> None:
+        """Use ``controlnet`` (a ControlNetModel, or None) for calls with a control image."""
+        from hypersd_core.models.controlnet import control_pipeline
+
+        self._control_pipe = None if controlnet is None else control_pipeline(
+            self.backbone.pipe, controlnet)
+        self.controlnet = controlnet
+
+    def full_unet(self, method: str, adapter: str | None):
+        """(UNet, name) replacing the base UNet for this call, or None: the one-step UNet
+        of "hypersd-unet" (a UNet folder/file given as adapter, else the digits model's own)."""
+        from pathlib import Path
+
+        from hypersd_core.models.unet import DIGITS_ONESTEP_UNET, is_unet_source, load_unet
+        from hypersd_core.paths import DIGITS_PIPELINE
+
+        if method != "hypersd-unet":
+            return None
+        if adapter is None:
+            own = Path(self.backbone.source).resolve() == DIGITS_PIPELINE.resolve()
+            if not (own and is_unet_source(DIGITS_ONESTEP_UNET)):
+                return None
+            adapter = str(DIGITS_ONESTEP_UNET)
+        elif not is_unet_source(adapter):
+            return None  # a LoRA file: the adapter path handles it
+        if adapter not in self._unets:
+            self._unets[adapter] = load_unet(adapter, self.backbone.unet)
+        return self._unets[adapter], Path(adapter).name
 
     def scheduler(self, method: str):
         if method not in self._schedulers:
@@ -139,7 +171,8 @@ class Sampler:
     @torch.no_grad()
     def generate(self, method: str, steps: int, prompts: list[str], seeds: list[int],
                  adapter: str | None = None, guidance: float | None = None,
-                 eta: float | None = None, batch_size: int | None = None) -> Generation:
+                 eta: float | None = None, batch_size: int | None = None,
+                 control_image=None, controlnet_conditioning_scale: float = 1.0) -> Generation:
         """Images for prompts[i] with torch.Generator().manual_seed(seeds[i]).
 
         Args:
@@ -150,6 +183,9 @@ class Sampler:
             guidance: CFG scale (default: the model's for the teacher, 0 otherwise).
             eta: stochasticity of TCD (default: the recipe's).
             batch_size: images per pipeline call (default: all at once).
+            control_image: a PIL image for every prompt, or a list (one per prompt); the
+                call then runs the stock ControlNet pipeline (set_controlnet first).
+            controlnet_conditioning_scale: the ControlNet residuals' scale.
         Returns:
             Generation with PIL images and seconds per image (batch time / batch size).
         """
@@ -160,9 +196,23 @@ class Sampler:
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
             raise ValueError("no prompts given")
-        name = self.resolve_adapter(method, steps, adapter)
-        switch = self.adapters.use(name)
+        full = self.full_unet(method, adapter)
+        name = self.resolve_adapter(method, steps, adapter) if full is None else full[1]
+        switch = self.adapters.use(None if full is not None else name)
         pipe = self.backbone.pipe
+        controls = None
+        if control_image is not None:
+            if self._control_pipe is None:
+                raise ValueError("a control image needs a ControlNet: call set_controlnet() "
+                                 "(app/CLI: --controlnet digits, a folder or a hub id)")
+            controls = control_image if isinstance(control_image, (list, tuple)) \
+                else [control_image] * len(prompts)
+            if len(controls) != len(prompts):
+                raise ValueError(f"got {len(controls)} control images for {len(prompts)} prompts")
+            pipe = self._control_pipe
+        base_unet = pipe.unet
+        if full is not None:
+            pipe.unet = full[0]
         pipe.scheduler = self.scheduler(method)
         if guidance is None:
             guidance = self.backbone.guidance_scale if recipe.cfg else 0.0
@@ -181,6 +231,9 @@ class Sampler:
             for i in range(0, len(prompts), batch_size):
                 chunk = prompts[i:i + batch_size]
                 gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+                if controls is not None:
+                    kwargs["image"] = list(controls[i:i + batch_size])
+                    kwargs["controlnet_conditioning_scale"] = controlnet_conditioning_scale
                 t0 = time.perf_counter()
                 out = pipe(**self.prompts.pipeline_kwargs(chunk, guidance > 1),
                            generator=gens, **kwargs)
@@ -189,16 +242,19 @@ class Sampler:
                 seconds += [dt / len(chunk)] * len(chunk)
         finally:
             pipe.scheduler = self.base_scheduler
+            pipe.unet = base_unet
         return Generation(images, seconds, method, steps, name, switch)
 
 
 def generate(backbone: Backbone, method: str, steps: int, prompts: list[str],
              seeds: list[int], adapter: str | None = None, guidance: float | None = None,
-             eta: float | None = None) -> Generation:
+             eta: float | None = None, control_image=None,
+             controlnet_conditioning_scale: float = 1.0) -> Generation:
     """One-shot ``Sampler(backbone).generate(...)`` (keeps a Sampler on the backbone)."""
     sampler = getattr(backbone, "_sampler", None)
     if sampler is None:
         sampler = Sampler(backbone)
         backbone._sampler = sampler
     return sampler.generate(method, steps, prompts, seeds, adapter=adapter,
-                            guidance=guidance, eta=eta)
+                            guidance=guidance, eta=eta, control_image=control_image,
+                            controlnet_conditioning_scale=controlnet_conditioning_scale)
