@@ -15,6 +15,7 @@ again (reference cached), and without reward scoring.
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -119,18 +120,25 @@ def bench_grid(model: str, adapters: dict, plan: BenchPlan, device: str, log=pri
     first_cells: list = []
     first = time_call(lambda: first_cells.extend(grid(pool[0], 0)[0]), dev)
     times: dict[str, list[float]] = {"new_prompt_seed": [], "same_again": [], "no_rewards": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
     for i in range(plan.repeats):
         runs = [("new_prompt_seed", lambda: grid(pool[1 + 2 * i], 100 + i)),  # noqa: B023
                 ("same_again", lambda: grid(pool[0], 0)),
                 ("no_rewards", lambda: grid(pool[2 + 2 * i], 200 + i, scored=False))]  # noqa: B023
         for key, fn in (runs if i % 2 == 0 else runs[::-1]):
+            c0 = time.process_time()
             times[key].append(time_call(fn, dev))
+            cpu[key].append(time.process_time() - c0)
     stats = {k: summarise(v) for k, v in times.items()}
+    # CPU seconds this process used (all its threads): on a machine shared with other
+    # jobs the wall time stretches, this much less so
     out = {"cells": len(first_cells), "errors": sum(1 for c in first_cells if c.error),
-           "rewards": rewards, "first_click_s": first, **stats}
+           "rewards": rewards, "first_click_s": first, **stats,
+           "cpu_s": {k: statistics.median(v) for k, v in cpu.items()}}
     log(f"  compare grid ({out['cells']} cells, rewards {', '.join(rewards) or 'none'}): "
         f"new prompt+seed {stats['new_prompt_seed']['median_s']:.3f} s, same again "
         f"{stats['same_again']['median_s']:.3f} s, no rewards {stats['no_rewards']['median_s']:.3f} s, "
-        f"first click {first:.2f} s (loads adapters and rewards)")
+        f"first click {first:.2f} s (loads adapters and rewards); CPU time of a new grid "
+        f"{out['cpu_s']['new_prompt_seed']:.3f} s")
     del service
     return out

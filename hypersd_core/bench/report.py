@@ -168,7 +168,9 @@ def _grid_lines(result: dict) -> list[str]:
             f"{g['same_again']['median_s']:.3f} s for the same again (teacher reference and "
             f"embeddings cached), {g['no_rewards']['median_s']:.3f} s without reward scoring; "
             f"the first click after loading the model took {g['first_click_s']:.2f} s (it loads "
-            "the adapters and reward nets)."]
+            "the adapters and reward nets). CPU time the process used for a new grid: "
+            f"{g.get('cpu_s', {}).get('new_prompt_seed', float('nan')):.3f} s (less stretched "
+            "than wall time when other jobs share the cores)."]
 
 
 def _scaling_tables(result: dict) -> list[str]:

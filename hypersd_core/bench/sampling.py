@@ -82,15 +82,24 @@ class StockPair:
             self.fused.fuse_lora(lora_scale=1.0)
         self.adapter = path
 
-    def set_scheduler(self, method: str) -> None:
-        import diffusers
-
-        from hypersd_core.models.sampling import get_recipe
-
-        recipe = get_recipe(method)
+    def set_scheduler(self, scheduler) -> None:
+        """A fresh scheduler of the same class and config as ``scheduler`` (ours)."""
         for pipe in (self.unfused, self.fused):
-            pipe.scheduler = getattr(diffusers, recipe.scheduler).from_config(
-                pipe.scheduler.config, **recipe.scheduler_kwargs)
+            pipe.scheduler = type(scheduler).from_config(scheduler.config)
+
+
+def _recipe_of(sampler, method: str, steps: int):
+    """(scheduler, eta) that ``generate`` uses for (method, steps): the stock pipelines
+    get the same, whatever the recipe table says about step counts."""
+    from hypersd_core.models import sampling as S
+
+    try:
+        scheduler = sampler.scheduler(method, steps)
+    except TypeError:  # schedulers that do not depend on the step count
+        scheduler = sampler.scheduler(method)
+    recipe = S.get_recipe(method)
+    eta = S.recipe_eta(recipe, steps) if hasattr(S, "recipe_eta") else recipe.eta
+    return scheduler, eta
 
 
 def _pixel_diff(a, b) -> int:
@@ -110,9 +119,10 @@ def compare_with_stock(sampler, stock: StockPair, cases, adapter_of, prompt: str
     for method, steps in sorted(cases, key=lambda c: str(adapter_of(*c))):  # load each once
         recipe, adapter = get_recipe(method), adapter_of(method, steps)
         stock.set_adapter(adapter)
-        stock.set_scheduler(method)
+        scheduler, eta = _recipe_of(sampler, method, steps)
+        stock.set_scheduler(scheduler)
         guidance = sampler.backbone.guidance_scale if recipe.cfg else 0.0
-        extra = {"eta": recipe.eta} if recipe.eta is not None else {}
+        extra = {"eta": eta} if eta is not None else {}
         if recipe.timesteps is not None:
             extra["timesteps"] = list(recipe.timesteps)
         else:
