@@ -149,6 +149,7 @@ def count_stage(kind: str, stage_name: str, batch: int, checkpointing: bool,
         stage = make_stage(cfg, bb)
         if hasattr(stage, "setup"):
             params = stage.setup(params)
+        pipe.unet.to("meta")  # PEFT makes a second adapter's layers on the CPU beside meta ones
         if getattr(stage, "losses", None) is not None and stage.losses.rewards:
             stage.losses.rewards = {n: StandInReward() for n in stage.losses.rewards}
         if checkpointing:
@@ -212,12 +213,79 @@ def preset_batch(kind: str, stage_name: str) -> int:
     return load_preset(f"{kind}-{SMOKE_STAGES[stage_name][0]}").batch_size
 
 
+CARDS_GIB = (24, 48, 80)
+CONTEXT_GIB = 1.5  # CUDA context, cuBLAS / cuDNN workspaces
+FRAGMENTATION = 1.1  # the caching allocator reserves more than it allocates
+REWARD_GIB = 2.0  # ImageReward + the aesthetic predictor (bf16) in feedback / DMD
+
+
+def needed_gib(rows: list[dict], kind: str, stage: str, batch: int, checkpointing: bool) -> float:
+    """Card memory a setting needs: the counted peak (interpolated in the batch from the
+    counted rows) x fragmentation + context (+ the reward models)."""
+    mine = {(r["batch"], r["checkpointing"]): r for r in rows
+            if r["kind"] == kind and r["stage"] == stage}
+    base = next(iter(mine.values()))
+    fixed = base["frozen_gib"] + base["adapters_gib"]
+    one, big = mine[(1, True)], max((r for r in mine.values() if r["checkpointing"]),
+                                     key=lambda r: r["batch"])
+    per_sample_on = ((big["step_peak_gib"] - one["step_peak_gib"]) / max(1, big["batch"] - 1))
+    if checkpointing:
+        step = one["step_peak_gib"] + per_sample_on * (batch - 1)
+    else:  # counted at the preset's batch only
+        step = mine[(batch, False)]["step_peak_gib"]
+    extra = REWARD_GIB if stage in ("feedback", "dmd") else 0.0
+    return (fixed + step) * FRAGMENTATION + CONTEXT_GIB + extra
+
+
+def card_settings(rows: list[dict], kind: str, stage: str, card: float) -> str:
+    """A setting that keeps the preset's effective batch on a ``card`` GiB card: the
+    preset's batch without checkpointing if it fits (counted), else checkpointing on with
+    the largest batch that fits (linear between the counted batches, at most twice the
+    preset's)."""
+    from hypersd_core.bench.gpu_train import SMOKE_STAGES
+    from hypersd_core.training.config import load_preset
+
+    cfg = load_preset(f"{kind}-{SMOKE_STAGES[stage][0]}")
+    total = cfg.batch_size * cfg.grad_accum
+    if needed_gib(rows, kind, stage, cfg.batch_size, False) <= card:
+        return f"batch {cfg.batch_size} x accum {cfg.grad_accum}, checkpointing off"
+    for b in sorted({b for b in (cfg.batch_size * 2, cfg.batch_size, 4, 2, 1)
+                     if total % b == 0 and b <= 2 * cfg.batch_size}, reverse=True):
+        if needed_gib(rows, kind, stage, b, True) <= card:
+            return f"batch {b} x accum {total // b}"
+    return "does not fit"
+
+
+def markdown(rows: list[dict]) -> str:
+    """README's memory-plan table from the counted rows."""
+    out = ["| model | stage | counted peak GiB, batch 1 (checkpointing) | preset batch: "
+           "checkpointing on / off | 24 GB | 48 GB | 80 GB |", "|---" * 7 + "|"]
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        for stage in dict.fromkeys(r["stage"] for r in rows if r["kind"] == kind):
+            mine = {(r["batch"], r["checkpointing"]): r for r in rows
+                    if r["kind"] == kind and r["stage"] == stage}
+            b = max(bb for bb, _ in mine)
+            on, off = mine.get((b, True)), mine.get((b, False))
+            name = {"tscd": "TSCD / LCM / TCD", "tscd_adv": "TSCD + adversarial",
+                    "feedback": "feedback", "dmd": "DMD"}[stage]
+            cards = [card_settings(rows, kind, stage, c) if off else "-" for c in CARDS_GIB]
+            out.append(f"| {kind} | {name} | {mine[(1, True)]['peak_gib']} | b{b}: "
+                       f"{on['peak_gib'] if on else '-'} / {off['peak_gib'] if off else '-'} | "
+                       + " | ".join(cards) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", default="sd15,sdxl")
     p.add_argument("--stages", default=",".join(PLAN_STAGES))
     p.add_argument("--out", help="JSON file for the rows (one JSON line each is printed too)")
+    p.add_argument("--markdown", nargs="+", metavar="JSON",
+                   help="print README's table from counted rows (files written by --out)")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown([r for f in args.markdown for r in json.loads(Path(f).read_text())]))
+        return 0
     rows = []
     for kind in args.kinds.split(","):
         for stage in args.stages.split(","):
