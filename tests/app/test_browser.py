@@ -100,7 +100,7 @@ def test_plots_of_a_short_run_draw_lines(tmp_path, monkeypatch):
     app, settings = _app(tmp_path, monkeypatch)
     # 4 steps, everything logged every step, the fixed samples scored at steps 3 and 4
     run, _ = ctl.start(_settings_text(4), settings.model, "", "digits", settings)
-    _wait(lambda: run.status()["state"] in ("done", "failed"), 240, "the 4-step run to finish")
+    _wait(lambda: run.status()["state"] in ("done", "failed"), 900, "the 4-step run to finish")
     assert run.status()["state"] == "done", ctl.log_tail(run)
     records, _ = run.read_metrics()
     assert [r["step"] for r in records if any(k.startswith("reward/") for k in r)] == [3, 4]
