@@ -243,7 +243,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_cache_data(args) -> int:
-    from hypersd_core.training.cache import cache_data
+    from hypersd_core.training.cache_build import cache_data
     from hypersd_core.training.data import DataOptions
 
     options = DataOptions(image_column=args.image_column, caption_column=args.caption_column,
