@@ -52,7 +52,7 @@ def bench_cached_data(model: str = "digits", stage: str = "tscd", batch_size: in
                       device: str = "cpu", scratch: str | Path | None = None, log=print) -> dict:
     from hypersd_core.bench.measure import machine_header, time_call
     from hypersd_core.bench.training import StepRunner
-    from hypersd_core.training.cache import cache_data
+    from hypersd_core.training.cache_build import cache_data
     from hypersd_core.training.data import make_data
 
     scratch = Path(scratch or tempfile.mkdtemp(prefix="hypersd-cache-bench-"))

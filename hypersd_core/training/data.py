@@ -19,101 +19,21 @@ each image's original size and crop offset in its ``add_time_ids``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 
 from hypersd_core.digits import world as digits
-from hypersd_core.models.backbone import Backbone, PromptEmbeds
-
-
-@dataclass
-class Batch:
-    latents: torch.Tensor  # [B, 4, h, w], scaled
-    embeds: PromptEmbeds
-    uncond: PromptEmbeds
-    prompts: list[str]
-    images: torch.Tensor | None  # [B, 3, H, W] in [-1, 1]; None when read from a latent cache
-    masks: torch.Tensor | None = None  # [B, H, W] bool (digits)
-    labels: torch.Tensor | None = None  # [B] digit labels (digits)
-
-
-class Sample(NamedTuple):
-    """One prepared training example, as sources yield them to the cache pre-pass."""
-
-    image: torch.Tensor  # [3, res, res] in [-1, 1]
-    caption: str
-    original: tuple[int, int]  # (h, w) before resize (SDXL conditioning)
-    crop: tuple[int, int]  # (top, left) of the center crop
-    extras: dict  # per-sample tensors a stage may need (digits: masks, labels)
-
-
-@dataclass
-class DataOptions:
-    """How a ``datasets`` dataset or webdataset shards are read (StageConfig data_* fields)."""
-
-    image_column: str = "image"  # datasets column / webdataset extension ("image": jpg/png/webp)
-    caption_column: str = "text"  # datasets column / .json key; webdataset also reads .txt
-    split: str = "train"
-    streaming: bool = False  # datasets: stream instead of download/memory-map (large sets)
-    shuffle_buffer: int = 1000  # streamed sources: samples held for shuffling
-    rank: int | None = None  # process index / count; default from RANK / WORLD_SIZE
-    world_size: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, cfg) -> DataOptions:
-        return cls(**{k: getattr(cfg, f"data_{k}") for k in
-                      ("image_column", "caption_column", "split", "streaming", "shuffle_buffer")
-                      if hasattr(cfg, f"data_{k}")})
-
-    def process(self) -> tuple[int, int]:
-        """(rank, world size) of this process: torchrun / accelerate set RANK and WORLD_SIZE."""
-        import os
-
-        rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
-        world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-        return rank, world
-
-
-def prepare_image(img: Image.Image, res: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """RGB, shorter side resized to ``res``, center crop: ([3,res,res] in [-1,1],
-    original (h, w), crop (top, left) in the resized image) - SDXL's size conditioning."""
-    img = img.convert("RGB")
-    original = (img.height, img.width)
-    scale = res / min(img.size)
-    img = img.resize((max(res, round(img.width * scale)), max(res, round(img.height * scale))),
-                     Image.BICUBIC)
-    left, top = (img.width - res) // 2, (img.height - res) // 2
-    img = img.crop((left, top, left + res, top + res))
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)
-    return arr.permute(2, 0, 1), original, (top, left)
-
-
-def sdxl_time_ids(originals: list[tuple[int, int]], crops: list[tuple[int, int]], res: int,
-                  like: torch.Tensor) -> torch.Tensor:
-    """[B, 6] SDXL add_time_ids: original (h, w), crop (top, left), target (res, res)."""
-    rows = [[*o, *c, res, res] for o, c in zip(originals, crops)]
-    return torch.tensor(rows, dtype=like.dtype, device=like.device)
-
-
-@torch.no_grad()
-def encode_batch(backbone: Backbone, images: torch.Tensor, prompts: list[str],
-                 originals: list[tuple[int, int]] | None = None,
-                 crops: list[tuple[int, int]] | None = None) -> Batch:
-    """Latents and prompt embeddings of prepared images (SDXL: per-image time ids)."""
-    images = images.to(backbone.device)
-    latents = backbone.encode_images(images).float()
-    embeds = backbone.encode_prompt(prompts)
-    uncond = backbone.encode_prompt(prompts, negative=True)
-    if embeds.time_ids is not None and originals is not None:
-        ids = sdxl_time_ids(originals, crops, backbone.resolution, embeds.time_ids)
-        embeds.time_ids, uncond.time_ids = ids, ids.clone()
-    return Batch(latents, embeds, uncond, list(prompts), images)
+from hypersd_core.models.backbone import Backbone
+from hypersd_core.training.batch import (  # noqa: F401  (re-exported: Batch, DataOptions, ...)
+    Batch,
+    DataOptions,
+    Sample,
+    encode_batch,
+    prepare_image,
+    sdxl_time_ids,
+)
 
 
 class DigitsData:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from hypersd_core.models.backbone import Backbone
-from hypersd_core.training.data import Batch, DataOptions, Sample, encode_batch, prepare_image
+from hypersd_core.training.batch import Batch, DataOptions, Sample, encode_batch, prepare_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_BAD_IN_A_ROW = 1000

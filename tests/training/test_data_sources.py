@@ -138,7 +138,8 @@ def test_sdxl_gets_original_size_and_crop(tiny_sdxl, tmp_path):
 
 
 def test_cache_rows_equal_encoding(digits_backbone, tmp_path):
-    from hypersd_core.training.cache import CachedData, cache_data
+    from hypersd_core.training.cache import CachedData
+    from hypersd_core.training.cache_build import cache_data
 
     m = cache_data("digits", "digits", tmp_path / "c", batch_size=16, shard_size=24,
                    max_samples=40, dtype="fp32", progress=False)
@@ -158,7 +159,7 @@ def test_cache_rows_equal_encoding(digits_backbone, tmp_path):
 
 
 def test_cache_for_another_model_is_refused(tiny_sd15, tmp_path):
-    from hypersd_core.training.cache import cache_data
+    from hypersd_core.training.cache_build import cache_data
 
     cache_data("digits", "digits", tmp_path / "c", max_samples=4, progress=False)
     with pytest.raises(ValueError, match="cached for a digits model"):
