@@ -72,7 +72,9 @@ def cmd_sample(args) -> int:
         raise CLIError(f"--seed must be in [0, {MAX_SEED}] for every image (seed + i), "
                        f"got {args.seed} with --num-images {args.num_images}")
     out = _output_dir(args.out, "--out")
-    if args.lora:
+    from hypersd_core.models.unet import is_unet_source
+
+    if args.lora and not (args.method == "hypersd-unet" and is_unet_source(args.lora)):
         from hypersd_core.models.lora import check_lora_file
 
         try:
