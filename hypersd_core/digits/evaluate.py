@@ -46,14 +46,9 @@ def ink_colour(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to feature sets [N,D] and [M,D]."""
-    from scipy import linalg
+    from hypersd_core.digits.metrics import fd
 
-    a, b = a.double().numpy(), b.double().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+    return fd(a.double().numpy(), b.double().numpy())
 
 
 class DigitsEvaluator:

@@ -23,9 +23,12 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def renoise_time(edge: torch.Tensor, k: int, num_train_timesteps: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """t' uniform in [edge, edge + T/k) (clean edges start at 0), below T."""
-    span = num_train_timesteps // k
+                 generator: torch.Generator | None = None, span: int = 0) -> torch.Tensor:
+    """t' uniform in [edge, edge + span) (clean edges start at 0), below T; span 0: T/k.
+
+    A shorter span keeps the discriminator's inputs less noisy: with k=1 and span T, most
+    real and fake inputs are near-pure noise and no head can tell them apart."""
+    span = span or num_train_timesteps // k
     lo = edge.clamp(min=0)
     u = torch.rand(edge.shape, generator=generator).to(edge.device)
     return (lo + torch.floor(u * span).long()).clamp(max=num_train_timesteps - 1)
@@ -98,6 +101,7 @@ class AdversarialTerm:
         self.ac = alphas_cumprod
         self.T = num_train_timesteps
         self._pending: tuple | None = None
+        self.renoise_span = 0  # 0: the segment, T/k (the stage sets adv_renoise_span)
 
     def generator_loss(self, fake_edge, real_x0, edge, k, embeds, generator):
         """Re-noise the fake (the student's jump to the segment edge) from the edge to t',
@@ -108,7 +112,7 @@ class AdversarialTerm:
         target with the fake's noise differs from the fake only by the consistency
         error, so the discriminator had nothing to learn (hinge loss stayed at 2).
         """
-        t = renoise_time(edge, k, self.T, generator)
+        t = renoise_time(edge, k, self.T, generator, self.renoise_span)
         device = fake_edge.device
         noise_fake = torch.randn(fake_edge.shape, generator=generator).to(device)
         noise_real = torch.randn(fake_edge.shape, generator=generator).to(device)

@@ -114,6 +114,8 @@ class ConsistencyStage:
         self.pred_type = backbone.prediction_type
         self.target = target  # callable(x, t, embeds) -> model output, or None for online
         self.discriminator = discriminator
+        if discriminator is not None:
+            discriminator.renoise_span = getattr(cfg, "adv_renoise_span", 0)
         self.params: list[torch.nn.Parameter] = []
         self.ema: list[torch.Tensor] | None = None
 

@@ -55,6 +55,7 @@ class StageConfig:
     adv_real: str = "data"  # the discriminator's "real": training latents noised to the edge
     adv_dynamic: bool = False  # scale the adversarial term by VQGAN's last-layer grad-norm ratio
     adv_dynamic_max: float = 10.0  # clamp of that ratio
+    adv_renoise_span: int = 0  # real/fake re-noised to t' in [edge, edge + span); 0: T/k
     loss_scale: str = "none"  # "none" (edge space) or "x0": divide by the clamped d x_edge / d x0 squared
     loss_scale_min: float = 0.01  # clamp of that squared weight
     # LoRA and optimisation
@@ -129,6 +130,8 @@ class StageConfig:
         need(self.adv_weight >= 0, f"adv_weight must be >= 0, got {self.adv_weight}")
         need(self.adv_real == "data", f"adv_real must be 'data', got {self.adv_real!r}")
         need(self.adv_dynamic_max > 0, f"adv_dynamic_max must be > 0, got {self.adv_dynamic_max}")
+        need(0 <= self.adv_renoise_span <= 1000,
+             f"adv_renoise_span must be in [0, 1000], got {self.adv_renoise_span}")
         need(self.loss_scale in ("none", "x0"), f"loss_scale must be 'none' or 'x0', got {self.loss_scale!r}")
         need(0 < self.loss_scale_min <= 1, f"loss_scale_min must be in (0, 1], got {self.loss_scale_min}")
         need(self.mixed_precision in ("no", "fp16", "bf16"),

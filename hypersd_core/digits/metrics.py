@@ -1,0 +1,148 @@
+"""Digits metrics with uncertainty, in two feature spaces.
+
+- ``project``: the evaluation feature net (``evalnets.py``, trained on the digits
+  training split for digit x colour classes).
+- ``random``: a convolutional net with fixed random weights (seed 1234, never trained)
+  whose pooled activations describe colour, strokes and layout. No training stage and
+  no reward sees it, and it was not fitted to any data, so a model cannot learn to
+  please it by optimising the project's rewards (which share the training split with
+  the project's feature net).
+
+``row_arrays`` turns images into per-image arrays (features in both spaces, digit and
+colour correctness); ``summarize`` gives FD vs real, FD vs the teacher's reference set
+and the accuracies, each with a bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+RANDOM_SEED = 1234
+
+
+class RandomFeatureNet(torch.nn.Module):
+    """Fixed random conv features: 32x32 RGB in [0,1] -> 160-d (never trained)."""
+
+    def __init__(self, seed: int = RANDOM_SEED):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.convs = torch.nn.ModuleList([
+            torch.nn.Conv2d(3, 32, 3, 1, 1), torch.nn.Conv2d(32, 32, 3, 2, 1),
+            torch.nn.Conv2d(32, 32, 3, 2, 1)])
+        for conv in self.convs:
+            fan_in = conv.in_channels * 9
+            conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2 / fan_in) ** 0.5
+            conv.bias.data.zero_()
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        h1 = torch.relu(self.convs[0](images01 * 2 - 1))
+        h3 = torch.relu(self.convs[2](torch.relu(self.convs[1](h1))))  # [B,32,8,8]
+        return torch.cat([h1.mean((2, 3)), torch.nn.functional.adaptive_avg_pool2d(h3, 2)
+                          .flatten(1)], 1)
+
+
+def gaussian_stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = f.astype(np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def fd_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
+    """|mu_a - mu_b|^2 + tr(A + B - 2 (AB)^1/2), with tr (AB)^1/2 the sum of the square
+    roots of AB's eigenvalues (real and >= 0 for covariances; a few times faster than
+    scipy's sqrtm, which the bootstrap calls hundreds of times)."""
+    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                 - 2 * np.sqrt(eig).sum())
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to [N,D] and [M,D]."""
+    return fd_from_stats(*gaussian_stats(a), *gaussian_stats(b))
+
+
+class DigitsMetrics:
+    """Per-image arrays and bootstrap summaries (the project nets plus random features)."""
+
+    def __init__(self, device: str = "cpu"):
+        from hypersd_core.digits import world as digits
+        from hypersd_core.digits.evaluate import default_evaluator
+
+        self.ev = default_evaluator()
+        self.device = device
+        self.random = RandomFeatureNet().to(device)
+        self.featnet = self.ev.featnet.to(device)
+        self.classifier = self.ev.classifier.to(device)
+        held = (digits.DigitsDataset("heldout").tensors()["images"] + 1) / 2
+        self.real = {"project": self._features(self.featnet, held, True),
+                     "random": self._features(self.random, held)}
+
+    @torch.no_grad()
+    def _features(self, net, x01: torch.Tensor, signed: bool = False) -> np.ndarray:
+        out = []
+        for i in range(0, len(x01), 512):
+            x = x01[i:i + 512].to(self.device)
+            out.append((net.features(x * 2 - 1) if signed else net(x)).float().cpu())
+        return torch.cat(out).numpy().astype(np.float32)
+
+    def row_arrays(self, images, prompts: list[str]) -> dict[str, np.ndarray]:
+        from hypersd_core.digits import world as digits
+        from hypersd_core.digits.evaluate import ink_colour, to_tensor
+
+        x = to_tensor(images)
+        parsed = [digits.parse_caption(p) for p in prompts]
+        want_digit = torch.tensor([d for _, d in parsed])
+        want_colour = torch.tensor([digits.COLOUR_NAMES.index(c) for c, _ in parsed])
+        with torch.no_grad():
+            pred = torch.cat([self.classifier(x[i:i + 512].to(self.device) * 2 - 1).argmax(1).cpu()
+                              for i in range(0, len(x), 512)])
+        return {"project": self._features(self.featnet, x, True),
+                "random": self._features(self.random, x),
+                "digit_ok": (pred == want_digit).numpy(),
+                "colour_ok": (ink_colour(x) == want_colour).numpy()}
+
+
+def point_metrics(arrays: dict, real: dict, teacher: dict | None = None) -> dict:
+    """The summary without intervals (fast: one FD per space and reference)."""
+    out = {"digit_acc": 100 * float(arrays["digit_ok"].mean()),
+           "colour_acc": 100 * float(arrays["colour_ok"].mean()), "n": len(arrays["digit_ok"])}
+    refs = {"real": real, **({"teacher": teacher} if teacher is not None else {})}
+    for space in ("project", "random"):
+        for ref_name, ref in refs.items():
+            key = f"fd_{ref_name}" + ("" if space == "project" else "_random")
+            out[key] = fd(arrays[space], ref[space])
+    return out
+
+
+def _interval(values: list[float]) -> list[float]:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def summarize(arrays: dict, real: dict, teacher: dict | None = None, n_boot: int = 200,
+              seed: int = 0) -> dict:
+    """fd_real / fd_teacher in both spaces, digit_acc / colour_acc (%), each with a
+    bootstrap 95% interval (``*_ci``: images resampled with replacement, the reference
+    sets too)."""
+    rng = np.random.default_rng(seed)
+    n = len(arrays["digit_ok"])
+    out: dict = {}
+    for key in ("digit_ok", "colour_ok"):
+        v = arrays[key].astype(np.float64)
+        name = key.replace("_ok", "_acc")
+        out[name] = 100 * float(v.mean())
+        out[name + "_ci"] = _interval([100 * v[rng.integers(0, n, n)].mean() for _ in range(n_boot)])
+    refs = {"real": real, **({"teacher": teacher} if teacher is not None else {})}
+    for space in ("project", "random"):
+        f = arrays[space]
+        for ref_name, ref in refs.items():
+            r = ref[space]
+            key = f"fd_{ref_name}" + ("" if space == "project" else "_random")
+            out[key] = fd(f, r)
+            boots = []
+            for _ in range(n_boot // 4):  # sqrtm of every resample: a quarter as many draws
+                boots.append(fd(f[rng.integers(0, n, n)], r[rng.integers(0, len(r), len(r))]))
+            out[key + "_ci"] = _interval(boots)
+    out["n"] = n
+    return out

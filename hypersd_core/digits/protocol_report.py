@@ -1,0 +1,270 @@
+"""Tables and plots of an evaluated protocol (``protocol_eval``): choices made on the
+tune seeds, reported on the eval seeds with bootstrap 95% intervals.
+
+    python -m hypersd_core.digits.protocol_report --eval results/protocol \
+        --protocol runs/protocol/protocol.json --out assets/results/protocol
+
+Writes OUT.json, OUT.md (results, eta, ablation, learning-rate tables) and OUT.png
+(results against steps) plus OUT-curves.png (quality against training samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hypersd_core.digits.metrics import summarize
+
+STEPS = (1, 2, 4, 8)
+FD_KEYS = ("fd_real", "fd_teacher", "fd_real_random", "fd_teacher_random")
+
+
+def load_arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{"eval/lcm@4": {"project": ..., "random": ..., "digit_ok": ..., "colour_ok": ...}}."""
+    rows: dict[str, dict] = {}
+    for f in sorted(folder.glob("arrays-*.npz")):
+        with np.load(f) as z:
+            for key in z.files:
+                row, field = key.rsplit("|", 1)
+                arr = z[key]
+                rows.setdefault(row, {})[field] = (arr.astype(np.float32) if arr.dtype == np.float16
+                                                   else arr.astype(bool))
+    return rows
+
+
+def _best(rows: list[dict], ids: list[str], key: str = "fd_real") -> str | None:
+    cands = [r for r in rows if r["id"] in ids and r["seeds"] == "tune"]
+    return min(cands, key=lambda r: r[key])["id"] if cands else None
+
+
+def choose(rows: list[dict]) -> dict:
+    """Choices on the tune seeds (FD vs real in the project space, the rule everywhere)."""
+    from hypersd_core.digits.protocol_eval import ETAS
+
+    eta = {}
+    for n in STEPS:
+        best = _best(rows, [f"unified@{n}/eta{e}" for e in ETAS])
+        if best:
+            eta[n] = float(best.split("eta")[1])
+    lr = {}
+    for name, steps in (("lcm", STEPS), ("tcd", STEPS), ("k8", (8,))):
+        scores = {}
+        for point in ("1.0e-4", "3e-4", "1.0e-3"):
+            vals = [r["fd_real"] for r in rows if r["seeds"] == "tune"
+                    and r["id"] in [f"{name}-lr{point}@{n}" for n in steps]]
+            if len(vals) == len(steps):
+                scores[point] = float(np.mean(vals))
+        lr[name] = scores
+    return {"eta": eta, "lr_search": lr}
+
+
+def interval_rows(arrays: dict, rows: list[dict], n_boot: int = 200) -> list[dict]:
+    real = arrays.get("real")
+    teacher = arrays.get("ref/teacher@25")
+    out = []
+    for row in rows:
+        key = f"{row['seeds']}/{row['id']}"
+        if row["seeds"] != "eval" or key not in arrays or real is None:
+            continue
+        out.append({**{k: row[k] for k in ("id", "method", "steps", "eta")},
+                    **summarize(arrays[key], real, teacher, n_boot=n_boot)})
+    return out
+
+
+def _cell(r: dict, key: str, digits: int = 2) -> str:
+    lo, hi = r[key + "_ci"]
+    return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def results_table(ci_rows: list[dict], eta: dict) -> str:
+    by_id = {r["id"]: r for r in ci_rows}
+    lines = ["| method | steps | FD vs real | FD vs teacher | FD vs real (random feats) | "
+             "FD vs teacher (random feats) | digit acc % | colour acc % |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = [("teacher", "teacher@{n}"), ("lcm", "lcm@{n}"), ("tcd", "tcd@{n}"),
+             ("hypersd", "hypersd@{n}"), ("hypersd-unified", "unified@{n}/eta{e}")]
+    for label, pattern in order:
+        for n in STEPS + ((25,) if label == "teacher" else ()):
+            rid = pattern.format(n=n, e=eta.get(n, 1.0))
+            r = by_id.get(rid)
+            if r is None:
+                continue
+            name = label + (f" (eta {eta.get(n, 1.0)})" if label == "hypersd-unified" else "")
+            lines.append(f"| {name} | {n} | {_cell(r, 'fd_real')} | {_cell(r, 'fd_teacher')} | "
+                         f"{_cell(r, 'fd_real_random')} | {_cell(r, 'fd_teacher_random')} | "
+                         f"{_cell(r, 'digit_acc', 1)} | {_cell(r, 'colour_acc', 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def simple_table(ci_rows: list[dict], ids: list[tuple[str, str]]) -> str:
+    by_id = {r["id"]: r for r in ci_rows}
+    lines = ["| variant | row | FD vs real | FD vs teacher | FD vs real (random) | digit acc % |",
+             "|---|---|---|---|---|---|"]
+    for label, rid in ids:
+        r = by_id.get(rid)
+        if r is not None:
+            lines.append(f"| {label} | {rid} | {_cell(r, 'fd_real')} | {_cell(r, 'fd_teacher')} | "
+                         f"{_cell(r, 'fd_real_random')} | {_cell(r, 'digit_acc', 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+ABLATIONS = [
+    ("loss in edge space", "k8-edge@8"), ("loss x0-scaled (shipped)", "k8@8"),
+    ("x0-scaled pseudo-Huber", "k8-huber@8"),
+    ("k=2 adversarial off", "k2-advoff@2"), ("k=2 adversarial on, dynamic weight (preset)", "k2@2"),
+    ("k=2 adversarial on, fixed weight 0.02", "k2-static@2"),
+    ("k=1 adversarial off", "k1-advoff@1"), ("k=1 adversarial on, dynamic weight (preset)", "k1@1"),
+    ("k=1 adversarial on, fixed weight 0.02", "k1-static@1"),
+    ("k=1 direct (same samples as 8->4->2->1)", "k1-direct@1"),
+]
+
+
+def ablation_ids(eta: dict) -> list[tuple[str, str]]:
+    ids = list(ABLATIONS)
+    for n in STEPS:
+        e = eta.get(n, 1.0)
+        e2 = e if e in (0.3, 1.0) else 1.0
+        ids += [(f"unified {n} steps: k1 + feedback, no DMD", f"feedback-unified@{n}/eta{e2}"),
+                (f"unified {n} steps: k1 + DMD, no feedback", f"dmd-nofb-unified@{n}/eta{e2}"),
+                (f"unified {n} steps: k1 + feedback + DMD (shipped)", f"unified@{n}/eta{e}")]
+    return ids
+
+
+def eta_table(rows: list[dict]) -> str:
+    from hypersd_core.digits.protocol_eval import ETAS
+
+    by = {(r["id"], r["seeds"]): r for r in rows}
+    lines = ["| steps | " + " | ".join(f"eta {e}" for e in ETAS) + " | chosen |",
+             "|---|" + "---|" * (len(ETAS) + 1)]
+    for n in STEPS:
+        vals = [by.get((f"unified@{n}/eta{e}", "tune")) for e in ETAS]
+        if not any(vals):
+            continue
+        best = min((v for v in vals if v), key=lambda v: v["fd_real"])
+        lines.append(f"| {n} | " + " | ".join(f"{v['fd_real']:.2f}" if v else "-" for v in vals)
+                     + f" | {best['id'].split('eta')[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def curves(rows: list[dict], protocol: dict, out_png: Path) -> dict:
+    """FD vs real (project) against training samples: LCM / TCD checkpoints at 1/2/4/8
+    steps; Hyper-SD: each stage's checkpoints at its own step count, samples counted
+    from the start of the chain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = protocol.get("runs", {})
+
+    def samples(run: str, step: int) -> int:
+        r = runs[run]
+        before = runs[r["parent"]]["samples"] if r.get("parent") else 0
+        return before + step * r["batch_size"]
+
+    pts: dict[str, list] = {}
+    for r in rows:
+        if r["seeds"] != "curve" or "/step-" not in r["id"]:
+            continue
+        run, rest = r["id"].split("/step-")
+        step, n = int(rest.split("@")[0]), int(rest.split("@")[1])
+        if run not in runs:
+            continue
+        label = f"{run}@{n}" if run in ("lcm", "tcd") else ("hypersd (chain)@" + str(n)
+                                                            if run != "k1-direct" else "k1-direct@1")
+        pts.setdefault(label, []).append((samples(run, step), r["fd_real"], r["fd_real_random"]))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, n in zip(axes, STEPS):
+        for label, p in sorted(pts.items()):
+            if label.endswith(f"@{n}"):
+                p = sorted(p)
+                ax.plot([q[0] for q in p], [q[1] for q in p], marker="o", label=label)
+        ax.set_title(f"{n} step{'s' if n > 1 else ''}: FD vs real")
+        ax.set_xlabel("training samples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return {k: sorted(v) for k, v in pts.items()}
+
+
+def plot_results(ci_rows: list[dict], eta: dict, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_id = {r["id"]: r for r in ci_rows}
+    keys = ("fd_real", "fd_teacher", "fd_real_random", "digit_acc")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.5))
+    for ax, key in zip(axes, keys):
+        for label, pattern in (("teacher", "teacher@{n}"), ("lcm", "lcm@{n}"), ("tcd", "tcd@{n}"),
+                               ("hypersd", "hypersd@{n}"), ("unified", "unified@{n}/eta{e}")):
+            pts = [(n, by_id[pattern.format(n=n, e=eta.get(n, 1.0))]) for n in STEPS
+                   if pattern.format(n=n, e=eta.get(n, 1.0)) in by_id]
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1][key] for p in pts]
+            err = np.array([[p[1][key] - p[1][key + "_ci"][0], p[1][key + "_ci"][1] - p[1][key]]
+                            for p in pts]).T
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(STEPS), [str(s) for s in STEPS])
+        ax.set_title(key)
+        ax.set_xlabel("steps")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
+           n_boot: int = 200) -> dict:
+    eval_dir, out = Path(eval_dir), Path(out)
+    res = json.loads((eval_dir / "rows.json").read_text())
+    rows = res["rows"]
+    protocol = json.loads(Path(protocol_json).read_text()) if Path(protocol_json).is_file() else {}
+    arrays = load_arrays(eval_dir)
+    chosen = choose(rows)
+    ci = interval_rows(arrays, rows, n_boot)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curve_pts = curves(rows, protocol, out.with_name(out.name + "-curves.png"))
+    plot_results(ci, chosen["eta"], out.with_suffix(".png"))
+    md = ["## Results (eval seeds, 800 images, bootstrap 95% intervals)\n",
+          results_table(ci, chosen["eta"]),
+          f"\nFD floor (real vs real, two held-out halves, project space): {res['fd_floor']:.2f}\n",
+          "\n## eta of the unified adapter (tune seeds, FD vs real)\n", eta_table(rows),
+          "\n## Ablations (eval seeds)\n", simple_table(ci, ablation_ids(chosen["eta"])),
+          "\n## Learning-rate search (600 steps each, tune seeds, mean FD vs real over its step counts)\n",
+          "| method | " + " | ".join(("1.0e-4", "3e-4", "1.0e-3")) + " |\n|---|---|---|---|\n"
+          + "".join(f"| {m} | " + " | ".join(f"{s[p]:.2f}" if p in s else "-"
+                                             for p in ("1.0e-4", "3e-4", "1.0e-3")) + " |\n"
+                    for m, s in chosen["lr_search"].items())]
+    out.with_suffix(".md").write_text("".join(md))
+    record = {"chosen": chosen, "eval_rows": ci, "curves": curve_pts, "fd_floor": res["fd_floor"],
+              "protocol": protocol}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--eval", required=True, help="protocol_eval's --out folder")
+    p.add_argument("--protocol", required=True, help="the protocol root's protocol.json")
+    p.add_argument("--out", default="results/protocol")
+    p.add_argument("--n-boot", type=int, default=200)
+    args = p.parse_args(argv)
+    report(args.eval, args.protocol, args.out, args.n_boot)
+    print(Path(args.out).with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The comparison protocol: equal budgets, the teacher's few-step recipe, the eta table,
+the two-space metrics with intervals, and the trajectory diagnostic."""
+
+import numpy as np
+import pytest
+import torch
+
+from hypersd_core.digits.metrics import RandomFeatureNet, fd, summarize
+from hypersd_core.digits.protocol import protocol_runs
+from hypersd_core.models.sampling import Recipe, recipe_eta, scheduler_kwargs
+from hypersd_core.training.config import load_preset
+
+
+def test_baselines_get_the_samples_of_the_whole_tscd_chain():
+    runs = {r.name: r for r in protocol_runs()}
+    cfg = {n: load_preset(runs[n].preset, list(runs[n].overrides)) for n in runs}
+    chain = sum(cfg[n].steps * cfg[n].batch_size for n in ("k8", "k4", "k2", "k1"))
+    for name in ("lcm", "tcd", "k1-direct"):
+        assert cfg[name].steps * cfg[name].batch_size >= chain, name
+    for name in runs:  # one target, batch and rank for every consistency run
+        if cfg[name].stage in ("tscd", "lcm", "tcd"):
+            assert (cfg[name].w_min, cfg[name].w_max) == (1.0, 1.0), name
+            assert (cfg[name].batch_size, cfg[name].lora_rank) == (32, 16), name
+    assert all(r.parent is None or r.parent in runs for r in runs.values())
+    assert load_preset("digits-dmd").dmd_real_guidance == 2.0
+
+
+def test_teacher_few_step_rows_use_trailing_spacing():
+    from diffusers import DDIMScheduler
+
+    from hypersd_core.models.sampling import get_recipe
+
+    teacher = get_recipe("teacher")
+    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                set_alpha_to_one=False, steps_offset=1)
+    few = DDIMScheduler(**base, **scheduler_kwargs(teacher, 4))
+    few.set_timesteps(4)
+    assert few.timesteps.tolist() == [999, 749, 499, 249]
+    stock = DDIMScheduler(**base, **scheduler_kwargs(teacher, 25))
+    stock.set_timesteps(25)
+    assert stock.timesteps[0] == 961  # 25 steps stays the stock (leading) teacher
+
+
+def test_eta_table_falls_back_to_the_default():
+    r = Recipe("x", "TCDScheduler", eta=1.0, eta_by_steps=((4, 0.3), (8, 0.3)))
+    assert [recipe_eta(r, n) for n in (1, 2, 4, 8)] == [1.0, 1.0, 0.3, 0.3]
+
+
+def test_fd_and_bootstrap_intervals():
+    rng = np.random.default_rng(0)
+    real = {"project": rng.normal(size=(600, 8)), "random": rng.normal(size=(600, 8))}
+    same = {"project": rng.normal(size=(400, 8)), "random": rng.normal(size=(400, 8)),
+            "digit_ok": rng.random(400) < 0.9, "colour_ok": np.ones(400, bool)}
+    shifted = {**same, "project": same["project"] + 1.0}
+    a, b = summarize(same, real, n_boot=40), summarize(shifted, real, n_boot=40)
+    assert a["fd_real"] < 0.2 and abs(b["fd_real"] - 8.0) < 1.0  # |mu|^2 = 8
+    lo, hi = b["fd_real_ci"]
+    assert lo < b["fd_real"] < hi and hi < a["fd_real"] + 10
+    assert a["digit_acc_ci"][0] < a["digit_acc"] < a["digit_acc_ci"][1]
+    assert abs(fd(same["project"], same["project"])) < 1e-6
+
+
+def test_random_features_are_fixed_and_see_colour():
+    x = torch.zeros(2, 3, 32, 32)
+    x[0, 0, 8:24, 14:18] = 1.0  # a red stroke
+    x[1, 2, 8:24, 14:18] = 1.0  # the same stroke in blue
+    f1, f2 = RandomFeatureNet()(x), RandomFeatureNet()(x)
+    assert torch.equal(f1, f2) and f1.shape == (2, 160)
+    assert (f1[0] - f1[1]).abs().max() > 1e-3
+
+
+def test_offset_noise_on_any_device():
+    from hypersd_core.distill import schedule as S
+
+    noise = torch.zeros(2, 4, 3, 3, device="meta")
+    out = S.offset_noise(noise, 0.1, torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == noise.shape
+
+
+@pytest.mark.slow
+def test_trajectory_error_is_zero_for_the_teacher_on_its_own_grid(tiny_sd15):
+    """DDIM trailing with 8 steps visits exactly the 8-step solver grid, so the teacher's
+    own sampler must match its ODE states there."""
+    from hypersd_core.digits.trajectory import trajectory_error
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.models.sampling import Sampler
+
+    sampler = Sampler(load_backbone(str(tiny_sd15)))
+    res = trajectory_error(sampler, "teacher", 8, ["a red handwritten digit 7"] * 2, [0, 1],
+                           teacher_steps=8)
+    assert res["timesteps"] == [874, 749, 624, 499, 374, 249, 124, -1]
+    assert max(res["rmse"]) < 1e-4, res["rmse"]
+    far = trajectory_error(sampler, "teacher", 2, ["a red handwritten digit 7"] * 2, [0, 1])
+    assert far["rmse"][-1] > 10 * max(res["rmse"])
