@@ -32,11 +32,17 @@ class Recipe:
     adapter: str | None = None  # default adapter name; "{k}" is filled with the steps
     default_steps: int = 4
     description: str = ""
+    # below default_steps: extra scheduler arguments (the teacher's few-step rows use
+    # trailing spacing, so its first step starts at t = T-1 and not at t = 1 + offset)
+    few_step_kwargs: dict = field(default_factory=dict)
+    # eta per step count, measured (README "eta table"); others use ``eta``
+    eta_by_steps: tuple[tuple[int, float], ...] = ()
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("teacher", "DDIMScheduler", cfg=True, default_steps=25,
-           description="base model, DDIM, classifier-free guidance"),
+           few_step_kwargs={"timestep_spacing": "trailing"},
+           description="base model, DDIM, classifier-free guidance (trailing below 25 steps)"),
     Recipe("lcm", "LCMScheduler", adapter="lcm",
            description="LCM LoRA, LCMScheduler, no CFG"),
     Recipe("tcd", "TCDScheduler", eta=0.3, adapter="tcd",
@@ -59,13 +65,24 @@ def get_recipe(method: str) -> Recipe:
     return RECIPES[method]
 
 
-def make_scheduler(backbone: Backbone, method: str):
+def scheduler_kwargs(recipe: Recipe, steps: int | None = None) -> dict:
+    """The recipe's scheduler arguments at ``steps`` (few-step ones below default_steps)."""
+    few = steps is not None and steps < recipe.default_steps
+    return {**recipe.scheduler_kwargs, **(recipe.few_step_kwargs if few else {})}
+
+
+def recipe_eta(recipe: Recipe, steps: int) -> float | None:
+    """The recipe's eta at ``steps``: its measured table entry, else its default."""
+    return dict(recipe.eta_by_steps).get(steps, recipe.eta)
+
+
+def make_scheduler(backbone: Backbone, method: str, steps: int | None = None):
     """The recipe's scheduler built from the base model's scheduler config."""
     import diffusers
 
     recipe = get_recipe(method)
     cls = getattr(diffusers, recipe.scheduler)
-    return cls.from_config(backbone.pipe.scheduler.config, **recipe.scheduler_kwargs)
+    return cls.from_config(backbone.pipe.scheduler.config, **scheduler_kwargs(recipe, steps))
 
 
 def default_adapter(method: str, steps: int) -> str | None:
@@ -132,10 +149,11 @@ class Sampler:
             self._unets[adapter] = load_unet(adapter, self.backbone.unet)
         return self._unets[adapter], Path(adapter).name
 
-    def scheduler(self, method: str):
-        if method not in self._schedulers:
-            self._schedulers[method] = make_scheduler(self.backbone, method)
-        return self._schedulers[method]
+    def scheduler(self, method: str, steps: int | None = None):
+        key = (method, tuple(sorted(scheduler_kwargs(get_recipe(method), steps).items())))
+        if key not in self._schedulers:
+            self._schedulers[key] = make_scheduler(self.backbone, method, steps)
+        return self._schedulers[key]
 
     def resolve_adapter(self, method: str, steps: int, adapter: str | None) -> str | None:
         """Load the adapter a call needs (a name known to the backbone or a file path)."""
@@ -213,7 +231,7 @@ class Sampler:
         base_unet = pipe.unet
         if full is not None:
             pipe.unet = full[0]
-        pipe.scheduler = self.scheduler(method)
+        pipe.scheduler = self.scheduler(method, steps)
         if guidance is None:
             guidance = self.backbone.guidance_scale if recipe.cfg else 0.0
         kwargs: dict = {"guidance_scale": guidance, "output_type": "pil"}
@@ -221,7 +239,7 @@ class Sampler:
             kwargs["timesteps"] = list(recipe.timesteps)
         else:
             kwargs["num_inference_steps"] = steps
-        eta = recipe.eta if eta is None else eta
+        eta = recipe_eta(recipe, steps) if eta is None else eta
         if eta is not None:
             kwargs["eta"] = eta
         batch_size = batch_size or len(prompts)
