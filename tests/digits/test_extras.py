@@ -217,3 +217,28 @@ def test_readme_stock_script_reproduces_the_apps_controlled_image():
     assert ref.label == "teacher (reference)" and ref.image is not None
     unet_cells = [c for c in cells if c.label == "U"]
     assert unet_cells[0].image is not None and unet_cells[1].error == "one-step model: 1 step only"
+
+
+@shipped
+def test_style_backbone_is_offered_and_takes_the_base_adapters(tmp_path):
+    from hypersd_core.app.service import AppSettings, model_choices
+    from hypersd_core.digits.style import STYLE_PIPELINE, load_style_net
+    from hypersd_core.models.backbone import load_backbone
+
+    if not (STYLE_PIPELINE / "model_index.json").is_file():
+        pytest.skip("style backbone not built")
+    assert str(STYLE_PIPELINE) in model_choices(AppSettings(models_dir=tmp_path))
+    style, base = load_backbone(str(STYLE_PIPELINE)), load_backbone("digits")
+    assert style.kind == "digits" and set(base.adapter_dirs) <= set(style.adapter_dirs)
+    w = "conv_in.weight"
+    assert not torch.equal(style.unet.state_dict()[w], base.unet.state_dict()[w])
+    assert torch.equal(style.vae.state_dict()["encoder.conv_in.weight"],
+                       base.vae.state_dict()["encoder.conv_in.weight"])
+    from hypersd_core.digits.style import style_tensors
+
+    net = load_style_net()
+    held_plain = digits.DigitsDataset("heldout").tensors()["images"][:200]
+    held_glow = style_tensors("heldout")["images"][:200]
+    with torch.no_grad():
+        assert (net(held_plain).argmax(1) == 0).float().mean() > 0.95
+        assert (net(held_glow).argmax(1) == 1).float().mean() > 0.95
