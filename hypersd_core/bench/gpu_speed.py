@@ -64,11 +64,12 @@ def _stock_copy(backbone):
 
 def _model_part(kind: str, plan: SpeedPlan, device: str, dtype: torch.dtype, t0: float,
                 log) -> dict:
-    from hypersd_core.models.random_model import load_random_backbone
+    from hypersd_core.models.backbone import load_backbone
     from hypersd_core.models.sampling import Sampler
 
     dev = torch.device(device)
-    backbone = load_random_backbone(f"random:{kind}{'-tiny' if plan.dry_run else ''}", device, dtype)
+    backbone = load_backbone(f"random:{kind}{'-tiny' if plan.dry_run else ''}", device=device,
+                             dtype=dtype)
     out: dict = {"resolution": backbone.resolution, "rank": plan.rank,
                  "unet_params_m": sum(p.numel() for p in backbone.unet.parameters()) / 1e6}
     prompt = "a photo of a red fox sitting in tall grass, golden hour"

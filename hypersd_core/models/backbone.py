@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hypersd_core.models.vae_precision import keep_vae_fp32, vae_precision
 from hypersd_core.paths import DIGITS_ADAPTERS, DIGITS_PIPELINE
 
 KINDS = ("digits", "sd15", "sdxl")
@@ -196,7 +197,7 @@ class Backbone:
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] -> scaled latents [B,4,H/f,W/f] (posterior mean)."""
         vae = self.vae
-        with _vae_precision(vae):
+        with vae_precision(vae):
             latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
@@ -205,7 +206,7 @@ class Backbone:
         """Scaled latents -> images [B,3,H,W] in [-1,1] (differentiable)."""
         vae = self.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        with _vae_precision(vae):
+        with vae_precision(vae):
             return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
 
     def adapter_path(self, name: str) -> Path:
@@ -216,32 +217,6 @@ class Backbone:
                 f"no adapter named {name!r} for model {self.source} (known: {known}); "
                 "pass a LoRA file with --lora")
         return self.adapter_dirs[name]
-
-
-def keep_vae_fp32(pipe, dtype: torch.dtype) -> None:
-    """Under fp16 weights the SDXL VAE (config ``force_upcast``: its activations overflow
-    fp16 into NaN latents and images) stays fp32, as the stock SDXL pipeline upcasts it
-    for every decode; its inputs are cast to fp32 on the way in. The fp16-fix VAE sets
-    force_upcast false and stays fp16."""
-    if not (dtype == torch.float16 and "XL" in type(pipe).__name__
-            and getattr(pipe.vae.config, "force_upcast", False)):
-        return
-    vae = pipe.vae.to(torch.float32)
-    first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
-    first.register_forward_pre_hook(
-        lambda module, args: (args[0].to(torch.float32), *args[1:]))
-
-
-def _vae_precision(vae):
-    """No fp16 autocast around an fp32 force_upcast VAE (autocast would undo the upcast)."""
-    import contextlib
-
-    device = vae.device.type
-    if (vae.dtype == torch.float32 and getattr(vae.config, "force_upcast", False)
-            and torch.is_autocast_enabled(device)
-            and torch.get_autocast_dtype(device) == torch.float16):
-        return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
 
 
 def load_backbone(model: str = "digits", kind: str | None = None, device: str = "cpu",
@@ -262,9 +237,13 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if model.startswith("random:"):  # full-size architecture, random weights, no download
-        from hypersd_core.models.random_model import load_random_backbone
+        from hypersd_core.models import random_model
 
-        return load_random_backbone(model, device=device, dtype=dtype)
+        rkind, tiny = random_model.parse_random(model)
+        cfgs = random_model.load_configs(rkind)
+        pipe = random_model.build_pipeline(rkind, random_model.shrink(rkind, cfgs) if tiny else cfgs,
+                                           device, dtype)
+        return Backbone(rkind, model, pipe, DEFAULT_GUIDANCE[rkind])
     if is_single_file(model):
         kind, pipe = load_single_file(model, kind, dtype=dtype)
         keep_vae_fp32(pipe, dtype)

@@ -4,7 +4,7 @@ built from the public configs in ``assets/configs/``; nothing is downloaded.
 ``--model random:sd15`` / ``random:sdxl`` give the real parameter counts, activation
 sizes and dtype paths (GPU smoke runs, memory checks); ``random:sd15-tiny`` /
 ``random:sdxl-tiny`` are the same layer types with a few channels (CPU tests). The
-tokenizer is the small local digits tokenizer padded to 77 tokens: the sequence
+tokenizer is a small character-level CLIP tokenizer padded to 77 tokens: the sequence
 length, not the vocabulary, sets the cost. Images from random weights are noise.
 """
 
@@ -70,6 +70,22 @@ def shrink(kind: str, cfgs: dict[str, dict]) -> dict[str, dict]:
     return cfgs
 
 
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _write_char_tokenizer(folder: Path) -> None:
+    """A CLIPTokenizer over single printable characters (no merges): any ASCII prompt
+    tokenizes; padded to 77 tokens like CLIP's."""
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [*chars, *(c + "</w>" for c in chars), BOS, EOS]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_LEN}))
+
+
 def build_modules(kind: str, cfgs: dict[str, dict], device: str | torch.device = "cpu") -> dict:
     """UNet, VAE, text encoder(s) and tokenizer with random weights, made on ``device``
     ("meta" builds them without memory, for counting)."""
@@ -81,14 +97,11 @@ def build_modules(kind: str, cfgs: dict[str, dict], device: str | torch.device =
         CLIPTokenizer,
     )
 
-    from hypersd_core.digits import world as digits
-
     tok_dir = Path(tempfile.mkdtemp(prefix="hypersd-tok-"))
-    digits.write_tokenizer(tok_dir)
+    _write_char_tokenizer(tok_dir)
     tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=TEXT_LEN)
     vocab = tok.get_vocab()
-    ids = {"bos_token_id": vocab[digits.SPECIAL_BOS], "eos_token_id": vocab[digits.SPECIAL_EOS],
-           "pad_token_id": vocab[digits.SPECIAL_EOS]}
+    ids = {"bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]}
     torch.manual_seed(0)
     with torch.device(device):
         out = {"unet": UNet2DConditionModel.from_config(cfgs["unet"]),
@@ -108,7 +121,7 @@ def build_pipeline(kind: str, cfgs: dict[str, dict], device: str | torch.device,
     import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from hypersd_core.models.backbone import keep_vae_fp32
+    from hypersd_core.models.vae_precision import keep_vae_fp32
 
     m = build_modules(kind, cfgs, device)
     sched_cfg = cfgs["scheduler"]
@@ -127,15 +140,3 @@ def build_pipeline(kind: str, cfgs: dict[str, dict], device: str | torch.device,
     keep_vae_fp32(pipe, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_random_backbone(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """``random:sd15`` / ``random:sdxl`` (full size) or ``-tiny`` as a Backbone."""
-    from hypersd_core.models.backbone import DEFAULT_GUIDANCE, Backbone
-
-    kind, tiny = parse_random(model)
-    cfgs = load_configs(kind)
-    if tiny:
-        cfgs = shrink(kind, cfgs)
-    pipe = build_pipeline(kind, cfgs, device, dtype)
-    return Backbone(kind, model, pipe, DEFAULT_GUIDANCE[kind])
