@@ -135,6 +135,7 @@ def test_fused_student_is_the_unified_lora_in_the_weights():
     assert diff.max() <= 3  # fusing is exact up to float rounding
 
 
+@pytest.mark.slow
 @shipped
 def test_controlnet_training_step_and_folder_round_trip(tmp_path):
     from hypersd_core.digits.controlnet import ControlNetConfig, save_controlnet, train_controlnet
