@@ -212,7 +212,7 @@ def plot_results(ci_rows: list[dict], eta: dict, out_png: Path) -> None:
             xs = [p[0] for p in pts]
             ys = [p[1][key] for p in pts]
             err = np.array([[p[1][key] - p[1][key + "_ci"][0], p[1][key + "_ci"][1] - p[1][key]]
-                            for p in pts]).T
+                            for p in pts]).T.clip(min=0)
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(STEPS), [str(s) for s in STEPS])
@@ -237,7 +237,8 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     curve_pts = curves(rows, protocol, out.with_name(out.name + "-curves.png"))
     plot_results(ci, chosen["eta"], out.with_suffix(".png"))
-    md = ["## Results (eval seeds, 800 images, bootstrap 95% intervals)\n",
+    n = ci[0]["n"] if ci else 0
+    md = [f"## Results (eval seeds, {n} images per row, bootstrap 95% intervals)\n",
           results_table(ci, chosen["eta"]),
           f"\nFD floor (real vs real, two held-out halves, project space): {res['fd_floor']:.2f}\n",
           "\n## eta of the unified adapter (tune seeds, FD vs real)\n", eta_table(rows),
@@ -247,6 +248,8 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
           + "".join(f"| {m} | " + " | ".join(f"{s[p]:.2f}" if p in s else "-"
                                              for p in ("1.0e-4", "3e-4", "1.0e-3")) + " |\n"
                     for m, s in chosen["lr_search"].items())]
+    if not chosen["eta"]:  # no tune rows (e.g. the shipped adapters): results only
+        md = md[:3]
     out.with_suffix(".md").write_text("".join(md))
     record = {"chosen": chosen, "eval_rows": ci, "curves": curve_pts, "fd_floor": res["fd_floor"],
               "protocol": protocol}
