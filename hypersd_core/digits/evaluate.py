@@ -46,7 +46,7 @@ def ink_colour(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to feature sets [N,D] and [M,D]."""
-    from hypersd_core.digits.metrics import fd
+    from hypersd_core.digits.frechet import fd
 
     return fd(a.double().numpy(), b.double().numpy())
 
