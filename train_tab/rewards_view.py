@@ -7,6 +7,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from compare_tab.display import enlarge, image_classes
 from hypersd_core.app import limits
 from hypersd_core.app.service import (
     AppSettings,
@@ -17,8 +18,6 @@ from hypersd_core.app.service import (
     unavailable_text,
 )
 from hypersd_core.models.sampling import RECIPES
-
-from compare_tab.display import enlarge, image_classes
 
 from . import controller as ctl
 

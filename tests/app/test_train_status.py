@@ -82,7 +82,7 @@ def test_single_run_status_through_start_stop_resume(settings):
     def resumed():
         text = ctl.status_text(run)
         states.append(text)
-        assert f"step 0/" not in text, states  # never back to step 0 while it loads
+        assert "step 0/" not in text, states  # never back to step 0 while it loads
         return run.status().get("state") == "running" and run.status().get("step", 0) > stopped_at
 
     _wait(resumed, 600, "the resumed run to train on")
