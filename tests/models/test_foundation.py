@@ -12,7 +12,13 @@ import torch
 
 from hypersd_core.models import lora as L
 from hypersd_core.models.backbone import ModelNotFoundError, detect_kind, load_backbone
-from hypersd_core.models.sampling import RECIPES, Sampler, default_adapter, make_scheduler
+from hypersd_core.models.sampling import (
+    RECIPES,
+    Sampler,
+    default_adapter,
+    make_scheduler,
+    recipe_eta,
+)
 
 PROMPT = "a red handwritten digit 7"
 
@@ -102,9 +108,11 @@ def test_recipe_equals_stock_pipeline(kind, method, tiny_sd15, tiny_sdxl, sd15_l
     if recipe.adapter:
         pipe.load_lora_weights(str(lora.parent))
         adapter = str(lora)
-    kwargs = {"eta": recipe.eta} if recipe.eta is not None else {}
     guidance = sampler.backbone.guidance_scale if recipe.cfg else 0.0
     for steps in (1, 2, 4, 8):
+        pipe.scheduler = make_scheduler(sampler.backbone, method, steps)  # recipes vary by steps
+        eta = recipe_eta(recipe, steps)
+        kwargs = {"eta": eta} if eta is not None else {}
         ours = sampler.generate(method, steps, [PROMPT], [0], adapter=adapter)
         ref = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance,
                    generator=torch.Generator().manual_seed(0), **kwargs).images
