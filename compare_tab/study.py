@@ -213,7 +213,8 @@ class StudyHandlers:
             if cell.error:
                 raise gr.Error(f"could not render the pair: {cell.error}")
             images.append(for_screen(cell.image))
-        steps = (f"{pair.steps} steps" if pair.steps_left == pair.steps_right
+        plural = "" if pair.steps == 1 else "s"
+        steps = (f"{pair.steps} step{plural}" if pair.steps_left == pair.steps_right
                  else "a reference and a fast image")
         text = f"**Prompt:** {pair.prompt} · {steps}"
         on = [gr.Button(interactive=True)] * len(CHOICES)
