@@ -118,3 +118,13 @@ def tiny_sd15(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """In-process trainings with different ``mixed_precision`` in one pytest process: accelerate
+    keeps one global state per process (a run process has one), so reset it after each test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

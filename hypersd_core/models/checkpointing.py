@@ -29,16 +29,28 @@ def _lora_layers(module: torch.nn.Module) -> list:
     return layers
 
 
-@contextlib.contextmanager
-def _lora_state(layers: list, state: list):
-    now = [(m._disable_adapters, m._active_adapter) for m in layers]
-    for m, (off, active) in zip(layers, state):
-        m._disable_adapters, m._active_adapter = off, active
-    try:
-        yield
-    finally:
-        for m, (off, active) in zip(layers, now):
+class _LoraState:
+    """Puts LoRA layers in a recorded on/off + active-adapter state, and back on exit.
+
+    A class, not a generator context manager: torch keeps the recompute context that
+    ``context_fn`` returned and enters it again at every backward through the block (several
+    per step when ``autograd.grad`` is called with ``retain_graph``, as the adversarial
+    term's dynamic weighting does), and a generator-based manager can be entered only once.
+    """
+
+    def __init__(self, layers: list, state: list):
+        self.layers, self.state, self.saved = layers, state, []
+
+    def __enter__(self):
+        self.saved.append([(m._disable_adapters, m._active_adapter) for m in self.layers])
+        for m, (off, active) in zip(self.layers, self.state):
             m._disable_adapters, m._active_adapter = off, active
+        return self
+
+    def __exit__(self, *exc):
+        for m, (off, active) in zip(self.layers, self.saved.pop()):
+            m._disable_adapters, m._active_adapter = off, active
+        return False
 
 
 def adapter_aware_checkpoint(module, *args, **kwargs):
@@ -48,5 +60,5 @@ def adapter_aware_checkpoint(module, *args, **kwargs):
         return checkpoint(module, *args, use_reentrant=False, **kwargs)
     state = [(m._disable_adapters, m._active_adapter) for m in layers]
     return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _lora_state(layers, state)),
+                      context_fn=lambda: (contextlib.nullcontext(), _LoraState(layers, state)),
                       **kwargs)
