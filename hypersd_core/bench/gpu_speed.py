@@ -30,7 +30,13 @@ from pathlib import Path
 import torch
 
 from hypersd_core.bench.costs import bench_breakdown
-from hypersd_core.bench.measure import BenchPlan, machine_header, random_adapter, summarise, time_call
+from hypersd_core.bench.measure import (
+    BenchPlan,
+    machine_header,
+    random_adapter,
+    summarise,
+    time_call,
+)
 from hypersd_core.bench.sampling import StockPair, compare_with_stock
 
 

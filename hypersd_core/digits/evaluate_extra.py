@@ -22,8 +22,13 @@ import numpy as np
 import torch
 
 from hypersd_core.digits import world as digits
-from hypersd_core.digits.evaluate import default_evaluator, eval_prompts, frechet_distance, \
-    ink_colour, to_tensor
+from hypersd_core.digits.evaluate import (
+    default_evaluator,
+    eval_prompts,
+    frechet_distance,
+    ink_colour,
+    to_tensor,
+)
 
 CONTROL_SEED = 2000
 STYLE_REF_SEED = 5000

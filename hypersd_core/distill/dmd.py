@@ -70,6 +70,24 @@ def multistep_start_timesteps(scheduler_config, max_steps: int) -> torch.Tensor:
     return torch.tensor(sorted(ts), dtype=torch.long)
 
 
+def dmd_and_reward_loss(stage, x0: torch.Tensor, batch, generator: torch.Generator,
+                        logs: dict) -> torch.Tensor:
+    """The one-step generator's DMD term plus its reward terms [B], shared by the LoRA stage
+    and the full-UNet stage (``stage`` has ``cfg``, ``scores`` and ``losses``); logs in place."""
+    cfg = stage.cfg
+    loss = torch.zeros(x0.shape[0], device=x0.device)
+    if cfg.dmd_weight > 0:
+        x0_real, x0_fake = stage.scores(x0.detach(), batch, generator)
+        dm = dmd_loss(x0, dm_gradient(x0.detach(), x0_real, x0_fake))
+        loss = loss + cfg.dmd_weight * dm
+        logs["loss_dmd"] = dm.mean().item()
+    if stage.losses.rewards:
+        r_loss, r_logs = stage.losses.reward_loss(stage.losses.decode(x0), batch.prompts)
+        loss = loss + r_loss
+        logs.update(r_logs)
+    return loss
+
+
 class DMDStage:
     """DMD2 training of the student LoRA with a fake-score LoRA on the same UNet.
 
@@ -207,16 +225,7 @@ class DMDStage:
         if (self.step + 1) % cfg.critic_steps:
             return None, logs
         x0 = self.generate(batch, generator)
-        loss = torch.zeros(x0.shape[0], device=x0.device)
-        if cfg.dmd_weight > 0:
-            x0_real, x0_fake = self.scores(x0.detach(), batch, generator)
-            dm = dmd_loss(x0, dm_gradient(x0.detach(), x0_real, x0_fake))
-            loss = loss + cfg.dmd_weight * dm
-            logs["loss_dmd"] = dm.mean().item()
-        if self.losses.rewards:
-            r_loss, r_logs = self.losses.reward_loss(self.losses.decode(x0), batch.prompts)
-            loss = loss + r_loss
-            logs.update(r_logs)
+        loss = dmd_and_reward_loss(self, x0, batch, generator, logs)
         if self.losses.perception is not None:
             from hypersd_core.distill.feedback import perceptual_x0
 

@@ -18,11 +18,10 @@ from hypersd_core.distill.dmd import (
     DM_T_RANGE,
     FAKE,
     cfg_standard,
-    dm_gradient,
-    dmd_loss,
+    dmd_and_reward_loss,
     fake_score_loss,
 )
-from hypersd_core.distill.tscd import sample_t_end, teacher_ddim_step, target_jump, tscd_loss
+from hypersd_core.distill.tscd import sample_t_end, target_jump, teacher_ddim_step, tscd_loss
 
 
 class OneStepUNetStage:
@@ -141,16 +140,7 @@ class OneStepUNetStage:
         cfg = self.cfg
         logs = self.fake_update(batch, generator)
         x0 = self.generate(batch, generator)
-        loss = torch.zeros(x0.shape[0], device=x0.device)
-        if cfg.dmd_weight > 0:
-            x0_real, x0_fake = self.scores(x0.detach(), batch, generator)
-            dm = dmd_loss(x0, dm_gradient(x0.detach(), x0_real, x0_fake))
-            loss = loss + cfg.dmd_weight * dm
-            logs["loss_dmd"] = dm.mean().item()
-        if self.losses.rewards:
-            r_loss, r_logs = self.losses.reward_loss(self.losses.decode(x0), batch.prompts)
-            loss = loss + r_loss
-            logs.update(r_logs)
+        loss = dmd_and_reward_loss(self, x0, batch, generator, logs)
         if cfg.mse_weight > 0:
             c_loss = self.consistency_loss(batch, generator)
             loss = loss + cfg.mse_weight * c_loss

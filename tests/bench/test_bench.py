@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 # the tiny reward builders of the rewards tests, through the same loading code
 from rewards.test_rewards import TINY_CLIP, tiny_imagereward, tiny_open_clip, tiny_pickscore  # noqa: F401
+from safetensors.torch import save_file
 
 from hypersd_core.cli import main as cli_main
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from hypersd_core.models import lora as L
+from hypersd_core.models import sampling as SM
 from hypersd_core.models.backbone import load_backbone
 from hypersd_core.models.controlnet import (
     ControlNetNotFoundError,
@@ -17,7 +18,6 @@ from hypersd_core.models.controlnet import (
     mask_image,
     sketch_to_mask,
 )
-from hypersd_core.models import sampling as SM
 from hypersd_core.models.sampling import RECIPES, Sampler, make_scheduler
 from hypersd_core.models.unet import is_unet_source, load_unet, save_unet
 
