@@ -113,7 +113,7 @@ def bench_grid(model: str, adapters: dict, plan: BenchPlan, device: str, log=pri
     pool = bench_prompts(backbone.kind, 64)
     dev = torch.device(device)
 
-    def grid(prompt: str, seed: int, scored: bool = True):
+    def grid(prompt: str, seed: int, scored: bool = True, service=service):
         return compare_grid(service, [prompt], [seed], rows, COMPARE_STEPS,
                             rewards if scored else [])
 

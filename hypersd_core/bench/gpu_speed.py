@@ -94,7 +94,8 @@ def _model_part(kind: str, plan: SpeedPlan, device: str, dtype: torch.dtype, t0:
             torch.cuda.empty_cache()
         sampler.adapters.load("hypersd-k4", paths["hypersd-k4"])
         names = [sampler.adapters.active, "hypersd-k4"]
-        times = [time_call(lambda: sampler.adapters.use(names[(i + 1) % 2]), dev)  # noqa: B023
+        adapters = sampler.adapters
+        times = [time_call(lambda i=i: adapters.use(names[(i + 1) % 2]), dev)
                  for i in range(plan.switch_repeats)]
         out["switch"] = {**summarise(times), "originals_mb": sampler.adapters.originals_mb()}
         log(f"  switch between fused adapters {1000 * out['switch']['median_s']:.2f} ms; kept "

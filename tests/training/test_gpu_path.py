@@ -180,7 +180,7 @@ def test_all_reduce_grads_averages_in_flat_buckets(tmp_path):
     out = tmp_path / "grads"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
-    results = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    results = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
     for res in results:
         assert res["calls"] == 2  # 15 elements in buckets of >= 8: 2 collectives, not 3
         assert torch.equal(res["grads"][0], torch.full((3,), 1.5))

@@ -29,7 +29,7 @@ def test_adamw8bit_run_keeps_8bit_moments(tmp_path):
     run = Run.create(tmp_path / "run", cfg)
     assert train(run.dir)["state"] == "done"
     assert (run.final_dir / "pytorch_lora_weights.safetensors").is_file()
-    state = torch.load(run.latest_checkpoint() / "trainer.pt", weights_only=False)["optimizer"]["state"]
+    state = torch.load(run.latest_checkpoint() / "trainer.pt", weights_only=True)["optimizer"]["state"]
 
     def tensors(x):
         if isinstance(x, torch.Tensor):
