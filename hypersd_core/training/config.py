@@ -74,6 +74,7 @@ class StageConfig:
     gradient_checkpointing: str = "auto"  # "auto" (on with CUDA), "on", "off"; UNet, and VAE for feedback/DMD
     seed: int = 0
     max_nonfinite: int = 5
+    cpu_threads: int = 0  # CPU runs: 0 = cores // live training runs (training/threads.py), or a count
     # feedback (ReFL) and perceptual losses
     rewards: dict[str, float] = field(default_factory=dict)  # reward name -> weight
     reward_alpha: float = 1.0
@@ -205,6 +206,7 @@ class StageConfig:
         need(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.cpu_threads >= 0, f"cpu_threads must be >= 0 (0: share the cores), got {self.cpu_threads}")
         need(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
         need(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         need(0 <= self.sample_steps <= NUM_TIMESTEPS,

@@ -23,6 +23,7 @@ import torch
 from hypersd_core.distill.optim import all_reduce_grads
 from hypersd_core.training.config import StageConfig
 from hypersd_core.training.runs import Run, RunLockedError
+from hypersd_core.training.threads import ThreadShare
 
 STUDENT = "student"
 
@@ -257,6 +258,8 @@ def _train(run: Run, resume: bool) -> dict:
         run.write_status(state="running", pid=os.getpid(), total=cfg.steps, error=None,
                          **({"it_s": None, "eta_s": None} if resume else {"step": 0}),
                          device=str(accelerator.device), processes=accelerator.num_processes)
+    threads = ThreadShare(cfg.cpu_threads, accelerator.device.type)
+    threads.update()
     try:
         backbone = load_backbone(cfg.model, device=str(accelerator.device),
                                  dtype=frozen_dtype(cfg, use_cuda))
@@ -300,6 +303,9 @@ def _train(run: Run, resume: bool) -> dict:
         while step < cfg.steps:
             if stop["flag"] or run.stop_requested():
                 break
+            if threads.update() is not None and main and step > step_start:
+                print(f"cpu threads: {threads.threads} (runs on this machine changed)",
+                      file=sys.stderr, flush=True)
             generator = _step_generator(cfg, step, rank)
             logs: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
@@ -363,6 +369,8 @@ def _train(run: Run, resume: bool) -> dict:
                 its = (step - step_start) / max(elapsed, 1e-9)
                 record = {"step": step, "loss": float(total), "lr": lr_sched.get_last_lr()[0],
                           "grad_norm": float(grad_norm), "it_s": its, **logs}
+                if threads.threads is not None:
+                    record["cpu_threads"] = threads.threads
                 record["data_skipped"] = getattr(data, "skipped", 0)  # unreadable samples so far
                 if use_cuda:
                     record["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
