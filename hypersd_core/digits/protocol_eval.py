@@ -51,6 +51,8 @@ def row_specs(root: Path) -> list[dict]:
     for n in STEPS:
         for eta in ETAS:
             add(f"unified@{n}/eta{eta}", "tune", "hypersd-unified", n, "dmd", eta)
+    for n in STEPS:  # which Hyper-SD row (N-step or unified) the leads table names
+        add(f"hypersd@{n}", "tune", "hypersd", n, f"k{n}")
     for n in STEPS:
         for eta in ETAS:
             add(f"unified@{n}/eta{eta}", "eval", "hypersd-unified", n, "dmd", eta, save=True)

@@ -75,6 +75,64 @@ def interval_rows(arrays: dict, rows: list[dict], n_boot: int = 200) -> list[dic
     return out
 
 
+def hypersd_choice(rows: list[dict], eta: dict) -> dict[int, str]:
+    """Per step count, the Hyper-SD row the leads table names: N-step or unified (at its
+    chosen eta), whichever has the lower FD vs real on the tune seeds (the N-step one
+    where there are no tune rows)."""
+    out = {}
+    for n in STEPS:
+        cands = [f"hypersd@{n}", f"unified@{n}/eta{eta.get(n, 1.0)}"]
+        out[n] = _best(rows, cands) or cands[0]
+    return out
+
+
+LEAD_KEYS = ("fd_real", "fd_teacher", "fd_real_random", "fd_teacher_random")
+
+
+def leads(arrays: dict, rows: list[dict], eta: dict, n_boot: int = 100) -> list[dict]:
+    """Hyper-SD against LCM and TCD at each step count, and unified@1 against LCM@4 /
+    TCD@4: paired differences of every FD with 95% intervals (metrics.paired_difference)."""
+    from hypersd_core.digits.metrics import paired_difference
+
+    refs = {"real": arrays.get("real"), "teacher": arrays.get("ref/teacher@25")}
+    if refs["real"] is None or refs["teacher"] is None:
+        return []
+    pick = hypersd_choice(rows, eta)
+    pairs = [(n, pick[n], f"{b}@{n}") for n in STEPS for b in ("lcm", "tcd")]
+    pairs += [(1, f"unified@1/eta{eta.get(1, 1.0)}", f"{b}@4") for b in ("lcm", "tcd")]
+    out = []
+    for n, a_id, b_id in pairs:
+        a, b = arrays.get(f"eval/{a_id}"), arrays.get(f"eval/{b_id}")
+        if a is None or b is None:
+            continue
+        rec = {"steps": n, "hypersd": a_id, "baseline": b_id}
+        for key in LEAD_KEYS:
+            rec[key] = paired_difference(a, b, refs, key, n_boot=n_boot)
+        ahead = sum(rec[k]["ci"][1] < 0 for k in LEAD_KEYS)
+        behind = sum(rec[k]["ci"][0] > 0 for k in LEAD_KEYS)
+        rec["verdict"] = (f"ahead on {ahead} of 4" if ahead and not behind else
+                          f"behind on {behind} of 4" if behind and not ahead else
+                          "level on all 4" if not (ahead or behind) else
+                          f"ahead on {ahead}, behind on {behind}")
+        out.append(rec)
+    return out
+
+
+def leads_table(lead_rows: list[dict]) -> str:
+    lines = ["| steps | Hyper-SD row | against | dFD vs real | dFD vs teacher | dFD vs real "
+             "(random) | dFD vs teacher (random) | Hyper-SD |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in lead_rows:
+        cells = []
+        for key in LEAD_KEYS:
+            d, (lo, hi) = r[key]["diff"], r[key]["ci"]
+            digits = 2 if "random" not in key else 3
+            cells.append(f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]")
+        lines.append(f"| {r['steps']} | {r['hypersd']} | {r['baseline']} | " + " | ".join(cells)
+                     + f" | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(r: dict, key: str, digits: int = 2) -> str:
     lo, hi = r[key + "_ci"]
     return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
@@ -186,7 +244,8 @@ def curves(rows: list[dict], protocol: dict, out_png: Path) -> dict:
         ax.set_title(f"{n} step{'s' if n > 1 else ''}: FD vs real")
         ax.set_xlabel("training samples")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
@@ -234,6 +293,7 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
     arrays = load_arrays(eval_dir)
     chosen = choose(rows)
     ci = interval_rows(arrays, rows, n_boot)
+    lead_rows = leads(arrays, rows, chosen["eta"], max(50, n_boot // 2))
     out.parent.mkdir(parents=True, exist_ok=True)
     curve_pts = curves(rows, protocol, out.with_name(out.name + "-curves.png"))
     plot_results(ci, chosen["eta"], out.with_suffix(".png"))
@@ -241,6 +301,9 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
     md = [f"## Results (eval seeds, {n} images per row, bootstrap 95% intervals)\n",
           results_table(ci, chosen["eta"]),
           f"\nFD floor (real vs real, two held-out halves, project space): {res['fd_floor']:.2f}\n",
+          "\n## Who leads (Hyper-SD minus baseline, paired bootstrap 95% intervals; negative: "
+          "Hyper-SD closer; ahead / behind where an interval excludes 0)\n",
+          leads_table(lead_rows),
           "\n## eta of the unified adapter (tune seeds, FD vs real)\n", eta_table(rows),
           "\n## Ablations (eval seeds)\n", simple_table(ci, ablation_ids(chosen["eta"])),
           "\n## Learning-rate search (600 steps each, tune seeds, mean FD vs real over its step counts)\n",
@@ -248,10 +311,10 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
           + "".join(f"| {m} | " + " | ".join(f"{s[p]:.2f}" if p in s else "-"
                                              for p in ("1.0e-4", "3e-4", "1.0e-3")) + " |\n"
                     for m, s in chosen["lr_search"].items())]
-    if not chosen["eta"]:  # no tune rows (e.g. the shipped adapters): results only
-        md = md[:3]
+    if not chosen["eta"]:  # no tune rows (e.g. the shipped adapters): results and leads only
+        md = md[:5]
     out.with_suffix(".md").write_text("".join(md))
-    record = {"chosen": chosen, "eval_rows": ci, "curves": curve_pts, "fd_floor": res["fd_floor"],
+    record = {"chosen": chosen, "eval_rows": ci, "leads": lead_rows, "curves": curve_pts, "fd_floor": res["fd_floor"],
               "protocol": protocol}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     return record
