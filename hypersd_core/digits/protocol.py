@@ -195,6 +195,32 @@ def pack(root: str | Path, out: str | Path, adapters=PACKED_ADAPTERS) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+SHIPPED = ("k8", "k4", "k2", "k1", "feedback", "dmd", "lcm", "tcd")
+
+
+def ship(root: str | Path, out_root: Path | None = None) -> dict:
+    """Export the main runs' final adapters (fp16, with config, metrics.jsonl and last
+    sample grid) as the digits world's shipped adapters, and their budgets and seconds
+    to stage_times.json. Every main run must be done: a partial chain is not shipped."""
+    from hypersd_core.digits.chain import EXPORT_NAMES, export_adapter
+    from hypersd_core.paths import DIGITS_ADAPTERS
+
+    root, out_root = Path(root), out_root or DIGITS_ADAPTERS
+    record = json.loads((root / "protocol.json").read_text())
+    missing = [n for n in SHIPPED if record["runs"].get(n, {}).get("state") != "done"]
+    if missing:
+        raise SystemExit(f"runs {missing} are not done under {root}; nothing shipped")
+    times = {}
+    for name in SHIPPED:
+        r = record["runs"][name]
+        export_adapter(Run(root / name), EXPORT_NAMES[name], out_root)
+        times[EXPORT_NAMES[name]] = {"seconds": r["seconds"], "steps": r["steps"],
+                                     "batch_size": r["batch_size"], "samples": r["samples"],
+                                     "parent": r["parent"], "run": str(root / name)}
+    (out_root / "stage_times.json").write_text(json.dumps(times, indent=1))
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="runs/protocol")
@@ -205,11 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-s", type=float, help="ask running runs to stop after this many seconds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every run (e.g. gradient_checkpointing=off)")
+    p.add_argument("--ship", action="store_true",
+                   help="only export ROOT's main runs as the shipped digits adapters")
     p.add_argument("--pack", metavar="TAR_GZ",
                    help="only pack ROOT's records and the shipped runs' fp16 adapters")
     args = p.parse_args(argv)
     if args.pack:
         pack(args.root, args.pack)
+        return 0
+    if args.ship:
+        for name, t in ship(args.root).items():
+            print(f"{name}: {t['steps']} x {t['batch_size']} ({t['samples']} samples with its "
+                  f"parents), {t['seconds']} s")
         return 0
     if args.jobs < 1 or args.steps_scale <= 0:
         raise SystemExit("--jobs must be >= 1 and --steps-scale > 0")

@@ -150,3 +150,35 @@ def test_report_names_the_tuned_hypersd_row_and_its_lead(tmp_path):
     assert picked["lcm@2"]["hypersd"] == "unified@2/eta1.0"
     assert picked["lcm@2"]["fd_real"]["ci"][1] < 0 and picked["lcm@2"]["verdict"] == "ahead on 4 of 4"
     assert "| 2 | unified@2/eta1.0 | lcm@2 |" in (tmp_path / "out.md").read_text()
+
+
+def test_ship_exports_a_finished_protocol_and_refuses_a_partial_one(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from hypersd_core.digits.protocol import SHIPPED, ship
+    from hypersd_core.training.runs import Run
+
+    root, out = tmp_path / "protocol", tmp_path / "adapters"
+    record = {"runs": {}}
+    for name in SHIPPED:
+        run = Run.create(root / name, load_preset("digits-tscd-k8"))
+        run.final_dir.mkdir(parents=True)
+        save_file({"w": torch.ones(2, 2)}, str(run.final_dir / "pytorch_lora_weights.safetensors"))
+        run.metrics_path.write_text('{"step": 1, "loss_adv_d": 1.2}\n')
+        record["runs"][name] = {"state": "done", "seconds": 1.0, "steps": 600, "batch_size": 32,
+                                "samples": 19200, "parent": None}
+    record["runs"]["dmd"]["state"] = "failed"
+    (root / "protocol.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="dmd"):
+        ship(root, out)
+    assert not out.exists()
+    record["runs"]["dmd"]["state"] = "done"
+    (root / "protocol.json").write_text(json.dumps(record))
+    times = ship(root, out)
+    weights = load_file(str(out / "hypersd-k2" / "pytorch_lora_weights.safetensors"))
+    assert weights["w"].dtype == torch.float16
+    assert (out / "hypersd-unified" / "metrics.jsonl").read_text().startswith('{"step": 1')
+    assert times["lcm"]["samples"] == 19200
+    assert json.loads((out / "stage_times.json").read_text()) == times
