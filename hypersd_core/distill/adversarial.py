@@ -119,7 +119,7 @@ class AdversarialTerm:
         a_edge, a_t = S.alpha_bar(self.ac, edge), S.alpha_bar(self.ac, t)
         fake_t = S.renoise(fake_edge, noise_fake, a_edge, a_t)
         real_t = S.add_noise(real_x0.detach().to(fake_t.dtype), noise_real, a_t)
-        self._pending = (real_t.detach(), fake_t.detach(), t, embeds)
+        self._pending = (real_t.detach(), fake_t.detach(), t, embeds, edge)
         g = hinge_g_loss(self.disc.logits(fake_t, t, embeds))
         return g, {"loss_adv_g": g.mean().item()}
 
@@ -128,15 +128,20 @@ class AdversarialTerm:
         logs the loss (chance: 2) and the share of real / fake it classifies right."""
         if self._pending is None:
             return {}
-        real_t, fake_t, t, embeds = self._pending
+        real_t, fake_t, t, embeds, edge = self._pending
         self._pending = None
         real_logits = self.disc.logits(real_t, t, embeds)
         fake_logits = self.disc.logits(fake_t, t, embeds)
-        d = hinge_d_loss(real_logits, fake_logits).mean()
-        self.own_step(d)
-        return {"loss_adv_d": d.item(),
+        per = hinge_d_loss(real_logits, fake_logits)
+        self.own_step(per.mean())
+        logs = {"loss_adv_d": per.mean().item(),
                 "adv_acc_real": (real_logits > 0).float().mean().item(),
                 "adv_acc_fake": (fake_logits < 0).float().mean().item()}
+        edges = edge.clamp(min=0).detach().cpu()
+        if len(edges.unique()) > 1:  # per segment edge: which segments it can tell apart
+            for e in edges.unique().tolist():
+                logs[f"adv_d_edge{e}"] = per.detach().cpu()[edges == e].mean().item()
+        return logs
 
     def state_dict(self) -> dict:
         return {"heads": self.disc.heads.state_dict(), "optimizer": self.optimizer.state_dict()}

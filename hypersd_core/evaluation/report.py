@@ -18,6 +18,13 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS = ASSETS / "results"
 # (file stem, heading, the command that regenerates it)
 SECTIONS = [
+    ("protocol", "Hyper-SD against LCM and TCD under one protocol (see "
+     "[How the comparison is run](#how-the-comparison-is-run))",
+     "python -m hypersd_core.digits.protocol --root runs/protocol --jobs 2 && "
+     "python -m hypersd_core.digits.protocol --root runs/protocol --ship && "
+     "python -m hypersd_core.digits.protocol_eval --root runs/protocol --out results/protocol && "
+     "python -m hypersd_core.digits.protocol_report --eval results/protocol "
+     "--protocol runs/protocol/protocol.json --out assets/results/protocol"),
     ("digits", "All methods, 800 images (all 80 prompts x 10 seeds), 1/2/4/8 steps",
      "python -m hypersd_core evaluate --model digits --methods "
      "teacher,lcm,tcd,hypersd,hypersd-unified --steps 1,2,4,8 --num-images 800 "
@@ -34,9 +41,17 @@ def _times_table(path: Path, title: str) -> str:
     if not path.is_file():
         return ""
     times = json.loads(path.read_text())
-    rows = [f"| {name} | {v['seconds'] if isinstance(v, dict) else v:.0f} |"
-            for name, v in times.items()]
-    return f"{title}\n\n| part | seconds |\n|---|---|\n" + "\n".join(rows) + "\n"
+    budgets = any(isinstance(v, dict) and "samples" in v for v in times.values())
+    head = ("| part | seconds | steps x batch | training samples (with its parents) |\n"
+            "|---|---|---|---|\n" if budgets else "| part | seconds |\n|---|---|\n")
+    rows = []
+    for name, v in times.items():
+        secs = v["seconds"] if isinstance(v, dict) else v
+        row = f"| {name} | {secs:.0f} |"
+        if budgets:
+            row += f" {v.get('steps', '-')} x {v.get('batch_size', '-')} | {v.get('samples', '-')} |"
+        rows.append(row)
+    return f"{title}\n\n{head}" + "\n".join(rows) + "\n"
 
 
 def build_section() -> str:
@@ -53,8 +68,9 @@ def build_section() -> str:
                               "Build time of the digits world on a 2-core CPU "
                               "(`python -m hypersd_core build-digits`):"))
     parts.append(_times_table(DIGITS_ADAPTERS / "stage_times.json",
-                              "Training time of each shipped adapter on a 2-core CPU "
-                              "(`python -m hypersd_core chain`):"))
+                              "Training time and budget of each shipped adapter on a 2-core "
+                              "CPU, one thread per run, two runs side by side "
+                              "(`python -m hypersd_core.digits.protocol`):"))
     return "\n".join(p for p in parts if p)
 
 
