@@ -133,6 +133,16 @@ def leads_table(lead_rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def trajectory_table(traj: list[dict]) -> str:
+    """Relative RMS distance to the teacher's ODE state after each step (trajectory.json)."""
+    lines = ["| method | steps | after each step (timestep: relative distance) |", "|---|---|---|"]
+    for r in traj:
+        cells = ", ".join(f"{'clean' if t < 0 else t}: {v:.2f}"
+                          for t, v in zip(r["timesteps"], r["relative"]))
+        lines.append(f"| {r['method']} | {r['steps']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(r: dict, key: str, digits: int = 2) -> str:
     lo, hi = r[key + "_ci"]
     return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
@@ -313,8 +323,14 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
                     for m, s in chosen["lr_search"].items())]
     if not chosen["eta"]:  # no tune rows (e.g. the shipped adapters): results and leads only
         md = md[:5]
+    traj_path = eval_dir / "trajectory.json"
+    traj = json.loads(traj_path.read_text()) if traj_path.is_file() else []
+    if traj:
+        md += ["\n## Trajectory diagnostic (RMS distance of the sampler's state to the teacher's "
+               "N=40 ODE state at the same timestep, relative to that state's RMS; 64 images)\n",
+               trajectory_table(traj)]
     out.with_suffix(".md").write_text("".join(md))
-    record = {"chosen": chosen, "eval_rows": ci, "leads": lead_rows, "curves": curve_pts, "fd_floor": res["fd_floor"],
+    record = {"chosen": chosen, "eval_rows": ci, "leads": lead_rows, "trajectory": traj, "curves": curve_pts, "fd_floor": res["fd_floor"],
               "protocol": protocol}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     return record

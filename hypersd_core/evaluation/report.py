@@ -61,9 +61,9 @@ def build_section() -> str:
         if not md.is_file():
             continue
         parts.append(f"### {heading}\n\n`{command}`\n\n{md.read_text().strip()}\n")
-        png = RESULTS / f"{stem}.png"
-        if png.is_file():
-            parts.append(f"![{stem}]({png.relative_to(ROOT).as_posix()})\n")
+        for png in (RESULTS / f"{stem}.png", RESULTS / f"{stem}-curves.png"):
+            if png.is_file():
+                parts.append(f"![{png.stem}]({png.relative_to(ROOT).as_posix()})\n")
     parts.append(_times_table(DIGITS_DIR / "build_times.json",
                               "Build time of the digits world on a 2-core CPU "
                               "(`python -m hypersd_core build-digits`):"))
