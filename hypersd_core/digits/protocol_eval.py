@@ -90,6 +90,28 @@ def row_specs(root: Path) -> list[dict]:
     return rows
 
 
+def run_of(spec: dict, root: Path) -> str | None:
+    """The protocol run a row's adapter comes from (None: the teacher or a foreign file)."""
+    if not spec["adapter"]:
+        return None
+    try:
+        return Path(spec["adapter"]).resolve().relative_to(Path(root).resolve()).parts[0]
+    except ValueError:
+        return None
+
+
+def select_rows(specs: list[dict], root: Path, part: str) -> list[dict]:
+    """``part``: all; main (the teacher and the shipped runs: LCM, TCD, the chain); rest
+    (the ablations and the learning-rate search). main then rest can run as two passes
+    (two --out folders, both given to protocol_report)."""
+    from hypersd_core.digits.protocol import SHIPPED
+
+    if part == "all":
+        return specs
+    main = [s for s in specs if run_of(s, root) in (None, *SHIPPED)]
+    return main if part == "main" else [s for s in specs if s not in main]
+
+
 def shipped_row_specs(extra: list[str] = ()) -> list[dict]:
     """The main table for the adapters in assets/digits/adapters (eval seeds), the unified
     adapter at eta 0.3 and 1.0, and ``extra`` rows "ID=METHOD:STEPS:FILE"."""
@@ -115,7 +137,7 @@ def shipped_row_specs(extra: list[str] = ()) -> list[dict]:
 
 def run_eval(root: str | Path, out: str | Path, device: str = "cpu",
              deadline_s: float | None = None, trajectories: bool = True, num_scale: float = 1.0,
-             specs: list[dict] | None = None, log=print) -> dict:
+             specs: list[dict] | None = None, shipped: bool = False, log=print) -> dict:
     import torch
 
     from hypersd_core.digits.metrics import DigitsMetrics, point_metrics
@@ -177,7 +199,7 @@ def run_eval(root: str | Path, out: str | Path, device: str = "cpu",
                                 ("hypersd-unified", "dmd")):
                 for n in (2, 4, 8):
                     adapter = root / (run or f"k{n}") / WEIGHTS
-                    if specs is not None:  # the shipped adapters
+                    if shipped:  # the shipped adapters
                         from hypersd_core.models.sampling import default_adapter
                         from hypersd_core.paths import DIGITS_ADAPTERS
 
@@ -221,14 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float)
     p.add_argument("--no-trajectories", action="store_true")
     p.add_argument("--num-scale", type=float, default=1.0, help="fewer images (a dry run)")
+    p.add_argument("--part", choices=("all", "main", "rest"), default="all",
+                   help="main: teacher, LCM, TCD and the chain's rows; rest: ablations and the "
+                        "learning-rate search (a second pass, e.g. while those runs train)")
     p.add_argument("--shipped", action="store_true",
                    help="the main table of the shipped adapters instead of a protocol root")
     p.add_argument("--extra-row", action="append", default=[], metavar="ID=METHOD:STEPS:FILE",
                    help="with --shipped: another adapter file as a row")
     args = p.parse_args(argv)
-    specs = shipped_row_specs(args.extra_row) if args.shipped else None
-    res = run_eval(args.root, args.out, args.device, args.deadline_s, not args.no_trajectories,
-                   args.num_scale, specs)
+    specs = (shipped_row_specs(args.extra_row) if args.shipped
+             else select_rows(row_specs(Path(args.root)), Path(args.root), args.part))
+    res = run_eval(args.root, args.out, args.device, args.deadline_s,
+                   not args.no_trajectories and args.part != "rest", args.num_scale, specs,
+                   args.shipped)
     print(f"{len(res['rows'])} rows in {res['seconds']} s; skipped {len(res['skipped'])}")
     return 0
 

@@ -294,13 +294,17 @@ def plot_results(ci_rows: list[dict], eta: dict, out_png: Path) -> None:
     plt.close(fig)
 
 
-def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
+def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Path,
            n_boot: int = 200) -> dict:
-    eval_dir, out = Path(eval_dir), Path(out)
-    res = json.loads((eval_dir / "rows.json").read_text())
-    rows = res["rows"]
+    dirs = [Path(d) for d in (eval_dir if isinstance(eval_dir, (list, tuple)) else [eval_dir])]
+    out = Path(out)
+    results = [json.loads((d / "rows.json").read_text()) for d in dirs]
+    res = results[0]
+    rows = [r for one in results for r in one["rows"]]  # e.g. protocol_eval --part main, rest
     protocol = json.loads(Path(protocol_json).read_text()) if Path(protocol_json).is_file() else {}
-    arrays = load_arrays(eval_dir)
+    arrays: dict = {}
+    for d in dirs:
+        arrays.update(load_arrays(d))
     chosen = choose(rows)
     ci = interval_rows(arrays, rows, n_boot)
     lead_rows = leads(arrays, rows, chosen["eta"], max(50, n_boot // 2))
@@ -323,8 +327,8 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
                     for m, s in chosen["lr_search"].items())]
     if not chosen["eta"]:  # no tune rows (e.g. the shipped adapters): results and leads only
         md = md[:5]
-    traj_path = eval_dir / "trajectory.json"
-    traj = json.loads(traj_path.read_text()) if traj_path.is_file() else []
+    traj_files = [d / "trajectory.json" for d in dirs if (d / "trajectory.json").is_file()]
+    traj = json.loads(traj_files[0].read_text()) if traj_files else []
     if traj:
         md += ["\n## Trajectory diagnostic (RMS distance of the sampler's state to the teacher's "
                "N=40 ODE state at the same timestep, relative to that state's RMS; 64 images)\n",
@@ -338,7 +342,8 @@ def report(eval_dir: str | Path, protocol_json: str | Path, out: str | Path,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--eval", required=True, help="protocol_eval's --out folder")
+    p.add_argument("--eval", required=True, nargs="+",
+                   help="protocol_eval's --out folder(s) (e.g. its --part main and rest passes)")
     p.add_argument("--protocol", required=True, help="the protocol root's protocol.json")
     p.add_argument("--out", default="results/protocol")
     p.add_argument("--n-boot", type=int, default=200)

@@ -182,3 +182,16 @@ def test_ship_exports_a_finished_protocol_and_refuses_a_partial_one(tmp_path):
     assert (out / "hypersd-unified" / "metrics.jsonl").read_text().startswith('{"step": 1')
     assert times["lcm"]["samples"] == 19200
     assert json.loads((out / "stage_times.json").read_text()) == times
+
+
+def test_eval_parts_split_the_rows_between_main_runs_and_the_rest(tmp_path):
+    from hypersd_core.digits.protocol_eval import row_specs, select_rows
+
+    root = tmp_path / "protocol"
+    specs = row_specs(root)
+    main, rest = select_rows(specs, root, "main"), select_rows(specs, root, "rest")
+    assert len(main) + len(rest) == len(specs) and select_rows(specs, root, "all") == specs
+    ids = {s["id"] for s in main}
+    assert {"teacher@25", "lcm@4", "tcd@8", "hypersd@2", "unified@1/eta0.3"} <= ids
+    assert {s["id"] for s in rest} >= {"k2-advoff@2", "k1-direct@1", "lcm-lr1.0e-3@4"}
+    assert all(s["adapter"] is None or "/k2-advoff/" not in s["adapter"] for s in main)
