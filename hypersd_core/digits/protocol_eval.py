@@ -90,6 +90,19 @@ def row_specs(root: Path) -> list[dict]:
     return rows
 
 
+def copy_adapter(src: str | Path, dst: Path) -> None:
+    """Copy an adapter file; a training checkpoint's ``lora.safetensors`` (the student's
+    PEFT state, keys without the ``unet.`` prefix) is written in the final adapters'
+    diffusers form, so checkpoints load like finished adapters."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(src))
+    if state and not any(k.startswith("unet.") for k in state):
+        save_file({f"unet.{k}": v for k, v in state.items()}, str(dst))
+    else:
+        shutil.copy(src, dst)
+
+
 def run_of(spec: dict, root: Path) -> str | None:
     """The protocol run a row's adapter comes from (None: the teacher or a foreign file)."""
     if not spec["adapter"]:
@@ -170,7 +183,7 @@ def run_eval(root: str | Path, out: str | Path, device: str = "cpu",
         if adapter:  # the sampler names a file adapter by its stem: give each file its own
             unique = copies / (hashlib.sha1(adapter.encode()).hexdigest()[:16] + ".safetensors")
             if not unique.is_file():
-                shutil.copy(adapter, unique)
+                copy_adapter(adapter, unique)
             adapter = str(unique)
         try:
             gen = sampler.generate(spec["method"], spec["steps"], prompts, seeds,
@@ -207,7 +220,7 @@ def run_eval(root: str | Path, out: str | Path, device: str = "cpu",
                                    / "pytorch_lora_weights.safetensors")
                     if adapter.is_file():
                         unique = copies / f"traj-{method}-{n}.safetensors"
-                        shutil.copy(adapter, unique)
+                        copy_adapter(adapter, unique)
                         traj.append(trajectory_error(sampler, method, n, p, s, adapter=str(unique)))
             (out / "trajectory.json").write_text(json.dumps(traj, indent=1))
         except Exception as err:  # the rows above are kept
@@ -246,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=("all", "main", "rest"), default="all",
                    help="main: teacher, LCM, TCD and the chain's rows; rest: ablations and the "
                         "learning-rate search (a second pass, e.g. while those runs train)")
+    p.add_argument("--ids", help="only rows whose id matches this regular expression")
     p.add_argument("--shipped", action="store_true",
                    help="the main table of the shipped adapters instead of a protocol root")
     p.add_argument("--extra-row", action="append", default=[], metavar="ID=METHOD:STEPS:FILE",
@@ -253,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     specs = (shipped_row_specs(args.extra_row) if args.shipped
              else select_rows(row_specs(Path(args.root)), Path(args.root), args.part))
+    if args.ids:
+        import re
+
+        specs = [s for s in specs if re.search(args.ids, s["id"])]
     res = run_eval(args.root, args.out, args.device, args.deadline_s,
                    not args.no_trajectories and args.part != "rest", args.num_scale, specs,
                    args.shipped)
