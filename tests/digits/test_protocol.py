@@ -195,3 +195,17 @@ def test_eval_parts_split_the_rows_between_main_runs_and_the_rest(tmp_path):
     assert {"teacher@25", "lcm@4", "tcd@8", "hypersd@2", "unified@1/eta0.3"} <= ids
     assert {s["id"] for s in rest} >= {"k2-advoff@2", "k1-direct@1", "lcm-lr1.0e-3@4"}
     assert all(s["adapter"] is None or "/k2-advoff/" not in s["adapter"] for s in main)
+
+
+def test_a_training_checkpoint_is_copied_in_the_final_adapter_form(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hypersd_core.digits.protocol_eval import copy_adapter
+
+    ckpt, final = tmp_path / "lora.safetensors", tmp_path / "final.safetensors"
+    save_file({"down_blocks.0.proj_in.lora_A.weight": torch.ones(2, 2)}, str(ckpt))
+    save_file({"unet.down_blocks.0.proj_in.lora_A.weight": torch.ones(2, 2)}, str(final))
+    copy_adapter(ckpt, tmp_path / "a.safetensors")
+    copy_adapter(final, tmp_path / "b.safetensors")
+    assert list(load_file(str(tmp_path / "a.safetensors"))) == ["unet.down_blocks.0.proj_in.lora_A.weight"]
+    assert list(load_file(str(tmp_path / "b.safetensors"))) == ["unet.down_blocks.0.proj_in.lora_A.weight"]
