@@ -64,7 +64,7 @@ def row_specs(root: Path) -> list[dict]:
             add(f"{run}@{n}", seeds, "hypersd", n, run, save=seeds == "eval")
         for n in STEPS:
             for run in ("dmd-nofb", "feedback"):
-                for eta in (0.3, 1.0):
+                for eta in (0.0, 0.3, 1.0):  # the unified recipe's candidates that win
                     add(f"{run}-unified@{n}/eta{eta}", seeds, "hypersd-unified", n, run, eta,
                         save=seeds == "eval")
     # learning-rate search: 600 steps each (the 3e-4 point: the main runs' step-600 checkpoints)

@@ -195,7 +195,7 @@ def ablation_ids(eta: dict) -> list[tuple[str, str]]:
     ids = list(ABLATIONS)
     for n in STEPS:
         e = eta.get(n, 1.0)
-        e2 = e if e in (0.3, 1.0) else 1.0
+        e2 = e if e in (0.0, 0.3, 1.0) else 1.0  # the ablation rows' etas
         ids += [(f"unified {n} steps: k1 + feedback, no DMD", f"feedback-unified@{n}/eta{e2}"),
                 (f"unified {n} steps: k1 + DMD, no feedback", f"dmd-nofb-unified@{n}/eta{e2}"),
                 (f"unified {n} steps: k1 + feedback + DMD (shipped)", f"unified@{n}/eta{e}")]
