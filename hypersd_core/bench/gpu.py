@@ -122,12 +122,13 @@ class GpuCheck:
 
     # ------------------------------------------------------------ inference
     def call(self, method: str, steps: int, res: int | None = None, output_type: str = "pil"):
-        from hypersd_core.models.sampling import get_recipe, make_scheduler
+        from hypersd_core.models.sampling import get_recipe, make_scheduler, recipe_eta
 
         pipe, recipe = self.backbone.pipe, get_recipe(method)
-        pipe.scheduler = make_scheduler(self.backbone, method)
+        pipe.scheduler = make_scheduler(self.backbone, method, steps)
         res = res or self.res
-        kw = {"eta": recipe.eta} if recipe.eta is not None else {}
+        eta = recipe_eta(recipe, steps)
+        kw = {"eta": eta} if eta is not None else {}
         return lambda: pipe(prompt=[self.prompt], height=res, width=res,
                             num_inference_steps=steps, output_type=output_type,
                             guidance_scale=self.backbone.guidance_scale if recipe.cfg else 0.0,

@@ -98,7 +98,7 @@ def _recipe_of(sampler, method: str, steps: int):
     except TypeError:  # schedulers that do not depend on the step count
         scheduler = sampler.scheduler(method)
     recipe = S.get_recipe(method)
-    eta = S.recipe_eta(recipe, steps) if hasattr(S, "recipe_eta") else recipe.eta
+    eta = S.recipe_eta(recipe, steps)
     return scheduler, eta
 
 

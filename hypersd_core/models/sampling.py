@@ -50,8 +50,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("hypersd", "DDIMScheduler", {"timestep_spacing": "trailing"},
            adapter="hypersd-k{k}",
            description="Hyper-SD N-step LoRA (TSCD stage k=N), DDIM trailing, no CFG"),
+    # eta per step count: the README eta table (protocol_report, tune seeds, FD vs real);
+    # at 1 step eta changes nothing
     Recipe("hypersd-unified", "TCDScheduler", eta=1.0, adapter="hypersd-unified",
-           description="Hyper-SD unified 1-step LoRA, TCDScheduler eta=1.0, 1-8 steps"),
+           eta_by_steps=((2, 0.0), (4, 0.0), (8, 0.3)),
+           description="Hyper-SD unified 1-step LoRA, TCDScheduler, eta 0 at 2-4 steps and "
+                       "0.3 at 8 (measured), 1-8 steps"),
     Recipe("hypersd-unet", "LCMScheduler", timesteps=(800,), default_steps=1,
            adapter="hypersd-unet",
            description="Hyper-SD one-step UNet, LCMScheduler timesteps=[800]"),
@@ -72,8 +76,11 @@ def scheduler_kwargs(recipe: Recipe, steps: int | None = None) -> dict:
 
 
 def recipe_eta(recipe: Recipe, steps: int) -> float | None:
-    """The recipe's eta at ``steps``: its measured table entry, else its default."""
-    return dict(recipe.eta_by_steps).get(steps, recipe.eta)
+    """The recipe's eta at ``steps``: the measured table's entry for the nearest measured
+    step count (the fewer steps on a tie), or the default where there is no table."""
+    if not recipe.eta_by_steps:
+        return recipe.eta
+    return min(recipe.eta_by_steps, key=lambda e: (abs(e[0] - steps), e[0]))[1]
 
 
 def make_scheduler(backbone: Backbone, method: str, steps: int | None = None):

@@ -64,15 +64,16 @@ def sample_grid(backbone, cfg: StageConfig, out_path: Path):
     """The fixed prompts/seeds with the current weights, saved as one PNG row; returns images."""
     from PIL import Image
 
-    from hypersd_core.models.sampling import get_recipe, make_scheduler
+    from hypersd_core.models.sampling import get_recipe, make_scheduler, recipe_eta
 
     method = sample_method(cfg)
     recipe = get_recipe(method)
     pipe = backbone.pipe
     old = pipe.scheduler
-    pipe.scheduler = make_scheduler(backbone, method)
+    pipe.scheduler = make_scheduler(backbone, method, cfg.default_sample_steps)
     try:
-        kwargs = {"eta": recipe.eta} if recipe.eta is not None else {}
+        eta = recipe_eta(recipe, cfg.default_sample_steps)
+        kwargs = {"eta": eta} if eta is not None else {}
         images = pipe(prompt=cfg.sample_prompts, num_inference_steps=cfg.default_sample_steps,
                       guidance_scale=0.0, **kwargs,
                       generator=[torch.Generator().manual_seed(i)

@@ -41,9 +41,11 @@ def test_teacher_few_step_rows_use_trailing_spacing():
     assert stock.timesteps[0] == 961  # 25 steps stays the stock (leading) teacher
 
 
-def test_eta_table_falls_back_to_the_default():
-    r = Recipe("x", "TCDScheduler", eta=1.0, eta_by_steps=((4, 0.3), (8, 0.3)))
-    assert [recipe_eta(r, n) for n in (1, 2, 4, 8)] == [1.0, 1.0, 0.3, 0.3]
+def test_eta_table_uses_the_nearest_measured_step_count():
+    r = Recipe("x", "TCDScheduler", eta=1.0, eta_by_steps=((2, 0.0), (4, 0.1), (8, 0.3)))
+    assert [recipe_eta(r, n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 16)] == \
+        [0.0, 0.0, 0.0, 0.1, 0.1, 0.1, 0.3, 0.3, 0.3]
+    assert recipe_eta(Recipe("y", "TCDScheduler", eta=0.3), 4) == 0.3  # no table: the default
 
 
 def test_fd_and_bootstrap_intervals():
