@@ -25,10 +25,6 @@ SECTIONS = [
      "python -m hypersd_core.digits.protocol_eval --root runs/protocol --out results/protocol && "
      "python -m hypersd_core.digits.protocol_report --eval results/protocol "
      "--protocol runs/protocol/protocol.json --out assets/results/protocol"),
-    ("digits", "All methods, 800 images (all 80 prompts x 10 seeds), 1/2/4/8 steps",
-     "python -m hypersd_core evaluate --model digits --methods "
-     "teacher,lcm,tcd,hypersd,hypersd-unified --steps 1,2,4,8 --num-images 800 "
-     "--out assets/results/digits.json"),
     ("feedback", "Human-feedback stage: digits rewards and FD before / after (held-out seeds; "
      "k1 = the shipped TSCD k=1 adapter the feedback stage was trained on)",
      "python -m hypersd_core.evaluation.reward_eval --entry k1=hypersd:1:hypersd-k1 --entry "
