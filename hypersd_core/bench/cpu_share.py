@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    p.add_argument("--cases", default=";".join(CASES), help="case names separated by ';'")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [c.strip() for c in args.cases.split(",")]
+    names = [c.strip() for c in args.cases.split(";")]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; choose from {list(CASES)}")
