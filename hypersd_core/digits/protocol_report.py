@@ -300,7 +300,8 @@ def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Pa
     out = Path(out)
     results = [json.loads((d / "rows.json").read_text()) for d in dirs]
     res = results[0]
-    rows = [r for one in results for r in one["rows"]]  # e.g. protocol_eval --part main, rest
+    # e.g. protocol_eval --part main, then rest; a row measured twice counts once (the later)
+    rows = list({(r["id"], r["seeds"]): r for one in results for r in one["rows"]}.values())
     protocol = json.loads(Path(protocol_json).read_text()) if Path(protocol_json).is_file() else {}
     arrays: dict = {}
     for d in dirs:
