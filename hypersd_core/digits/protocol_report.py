@@ -218,6 +218,10 @@ def eta_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CURVE_COLOURS = {"lcm": "tab:orange", "tcd": "tab:green", "hypersd (chain)": "tab:red",
+                 "k1-direct": "tab:brown"}  # one colour per method in every panel and plot
+
+
 def curves(rows: list[dict], protocol: dict, out_png: Path) -> dict:
     """FD vs real (project) against training samples: LCM / TCD checkpoints at 1/2/4/8
     steps; Hyper-SD: each stage's checkpoints at its own step count, samples counted
@@ -250,7 +254,8 @@ def curves(rows: list[dict], protocol: dict, out_png: Path) -> dict:
         for label, p in sorted(pts.items()):
             if label.endswith(f"@{n}"):
                 p = sorted(p)
-                ax.plot([q[0] for q in p], [q[1] for q in p], marker="o", label=label)
+                ax.plot([q[0] for q in p], [q[1] for q in p], marker="o", label=label,
+                        color=CURVE_COLOURS.get(label.split("@")[0]))
         ax.set_title(f"{n} step{'s' if n > 1 else ''}: FD vs real")
         ax.set_xlabel("training samples")
         ax.grid(alpha=0.3)
@@ -282,8 +287,13 @@ def plot_results(ci_rows: list[dict], eta: dict, out_png: Path) -> None:
             ys = [p[1][key] for p in pts]
             err = np.array([[p[1][key] - p[1][key + "_ci"][0], p[1][key + "_ci"][1] - p[1][key]]
                             for p in pts]).T.clip(min=0)
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label,
+                        color={"teacher": "tab:blue", "unified": "tab:purple"}.get(
+                            label, CURVE_COLOURS.get(label if label != "hypersd"
+                                                     else "hypersd (chain)")))
         ax.set_xscale("log", base=2)
+        if key.startswith("fd"):  # 1 step is an order of magnitude above 2-8 steps
+            ax.set_yscale("log")
         ax.set_xticks(list(STEPS), [str(s) for s in STEPS])
         ax.set_title(key)
         ax.set_xlabel("steps")
