@@ -41,11 +41,16 @@ def _is_trainer(argv: list[str]) -> bool:
 def live_trainers(proc: Path = Path("/proc")) -> int:
     """Training processes on this machine, this one included (at least 1). Where there is
     no /proc to read, 1."""
+    return max(1, count_trainers(proc))
+
+
+def count_trainers(proc: Path = Path("/proc")) -> int:
+    """Training processes whose command line /proc shows (0 where it cannot be read)."""
     count = 0
     try:
         entries = [p for p in proc.iterdir() if p.name.isdigit()]
     except OSError:
-        return 1
+        return 0
     for entry in entries:
         try:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -53,7 +58,7 @@ def live_trainers(proc: Path = Path("/proc")) -> int:
             continue
         if _is_trainer([a for a in argv if a]):
             count += 1
-    return max(1, count)
+    return count
 
 
 class ThreadShare:

@@ -36,24 +36,25 @@ def test_live_trainers_reads_proc(tmp_path):
     (tmp_path / "self").mkdir()  # not a pid
     (tmp_path / "14").mkdir()  # ended while read: no cmdline
     assert th.live_trainers(tmp_path) == 2
-    assert th.live_trainers(tmp_path / "missing") == 1
+    assert th.live_trainers(tmp_path / "missing") == 1 and th.count_trainers(tmp_path / "x") == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_started_trainer_is_counted():
-    before = th.live_trainers()
+    before = th.count_trainers()
     # a process whose command line names the trainer module, as the app's runs do
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                              "hypersd_core.training.trainer"])
     try:
         deadline = time.time() + 10
-        while th.live_trainers() < before + 1 and time.time() < deadline:
+        while th.count_trainers() < before + 1 and time.time() < deadline:
             time.sleep(0.1)
-        assert th.live_trainers() == before + 1
+        assert th.count_trainers() == before + 1
+        assert th.live_trainers() == max(1, before + 1)
     finally:
         proc.kill()
         proc.wait()
-    assert th.live_trainers() == before
+    assert th.count_trainers() == before
 
 
 def test_share_divides_the_cores_and_follows_changes(keep_threads, monkeypatch):
