@@ -323,15 +323,15 @@ def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Pa
     curve_pts = curves(rows, protocol, out.with_name(out.name + "-curves.png"))
     plot_results(ci, chosen["eta"], out.with_suffix(".png"))
     n = ci[0]["n"] if ci else 0
-    md = [f"## Results (eval seeds, {n} images per row, bootstrap 95% intervals)\n",
+    md = [f"#### Results (eval seeds, {n} images per row, bootstrap 95% intervals)\n",
           results_table(ci, chosen["eta"]),
           f"\nFD floor (real vs real, two held-out halves, project space): {res['fd_floor']:.2f}\n",
-          "\n## Who leads (Hyper-SD minus baseline, paired bootstrap 95% intervals; negative: "
+          "\n#### Who leads (Hyper-SD minus baseline, paired bootstrap 95% intervals; negative: "
           "Hyper-SD closer; ahead / behind where an interval excludes 0)\n",
           leads_table(lead_rows),
-          "\n## eta of the unified adapter (tune seeds, FD vs real)\n", eta_table(rows),
-          "\n## Ablations (eval seeds)\n", simple_table(ci, ablation_ids(chosen["eta"])),
-          "\n## Learning-rate search (600 steps each, tune seeds, mean FD vs real over its step counts)\n",
+          "\n#### eta of the unified adapter (tune seeds, FD vs real)\n", eta_table(rows),
+          "\n#### Ablations (eval seeds)\n", simple_table(ci, ablation_ids(chosen["eta"])),
+          "\n#### Learning-rate search (600 steps each, tune seeds, mean FD vs real over its step counts)\n",
           "| method | " + " | ".join(("1.0e-4", "3e-4", "1.0e-3")) + " |\n|---|---|---|---|\n"
           + "".join(f"| {m} | " + " | ".join(f"{s[p]:.2f}" if p in s else "-"
                                              for p in ("1.0e-4", "3e-4", "1.0e-3")) + " |\n"
@@ -341,7 +341,7 @@ def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Pa
     traj_files = [d / "trajectory.json" for d in dirs if (d / "trajectory.json").is_file()]
     traj = json.loads(traj_files[0].read_text()) if traj_files else []
     if traj:
-        md += ["\n## Trajectory diagnostic (RMS distance of the sampler's state to the teacher's "
+        md += ["\n#### Trajectory diagnostic (RMS distance of the sampler's state to the teacher's "
                "N=40 ODE state at the same timestep, relative to that state's RMS; 64 images)\n",
                trajectory_table(traj)]
     out.with_suffix(".md").write_text("".join(md))
