@@ -26,8 +26,10 @@ from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
 from compare_tab.display import APP_CSS
 from compare_tab.study import study_middleware
 from compare_tab.study_results import build_study_results_tab
+from hypersd_core.app.choices import default_rewards
 from hypersd_core.app.limits import guard_decoder
-from hypersd_core.app.service import AppSettings, ModelService, default_rewards, on_space
+from hypersd_core.app.service import AppSettings, ModelService
+from hypersd_core.app.zerogpu import on_space
 from hypersd_core.paths import ROOT
 from hypersd_core.study.store import StudyConfig, StudyStore
 from train_tab import build_rewards_tab, build_train_tab

@@ -15,6 +15,13 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from hypersd_core.app import limits
+from hypersd_core.app.choices import (
+    default_rewards,
+    lora_files,
+    official_method,
+    reward_choices,
+    unavailable_text,
+)
 from hypersd_core.app.service import (
     COMPARE_METHODS,
     COMPARE_STEPS,
@@ -23,13 +30,8 @@ from hypersd_core.app.service import (
     ModelService,
     compare_grid,
     default_adapter_name,
-    default_rewards,
-    gpu,
-    lora_files,
-    official_method,
-    reward_choices,
-    unavailable_text,
 )
+from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
 
 from .display import enlarge, image_classes, img_tag

@@ -23,7 +23,8 @@ from http.cookies import SimpleCookie
 import gradio as gr
 from PIL import Image
 
-from hypersd_core.app.service import AppSettings, ModelService, default_adapter_name, gpu, on_space
+from hypersd_core.app.service import AppSettings, ModelService, default_adapter_name
+from hypersd_core.app.zerogpu import gpu, on_space
 from hypersd_core.study.config import derive_key, resolve_salt
 from hypersd_core.study.provenance import code_version, weights_hash
 from hypersd_core.study.store import (

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from hypersd_core.app.service import AppSettings, data_choices, model_choices
+from hypersd_core.app.choices import data_choices, model_choices
+from hypersd_core.app.service import AppSettings
 from hypersd_core.models.lora import WEIGHT_NAME
 from hypersd_core.training import chain
 from hypersd_core.training.config import StageConfig, list_presets, make_config, preset_path

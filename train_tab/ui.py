@@ -10,7 +10,8 @@ import gradio as gr
 from PIL import Image
 
 from compare_tab.display import enlarge, image_classes, is_small, retile
-from hypersd_core.app.service import AppSettings, data_choices, model_choices
+from hypersd_core.app.choices import data_choices, model_choices
+from hypersd_core.app.service import AppSettings
 
 from . import controller as ctl
 

@@ -1,12 +1,12 @@
 """What the app needs from the library, with no UI in it: settings, one model in memory,
 generation cells that report errors instead of raising, reward scoring and the
-server-built lists of files the UI may offer (nothing is ever a typed path).
+teacher reference cache and the compare grid. The lists of files and rewards the UI
+may offer are in ``choices.py``, the ZeroGPU helpers in ``zerogpu.py``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -15,16 +15,16 @@ from pathlib import Path
 
 from PIL import Image
 
+from hypersd_core.app.zerogpu import on_space
 from hypersd_core.paths import ROOT
 from hypersd_core.study.store import STUDY_YAML
 
 COMPARE_METHODS = ("teacher", "lcm", "tcd", "hypersd", "hypersd-unified")
 COMPARE_STEPS = (1, 2, 4, 8)
 TEACHER_REFERENCE_STEPS = 25
+NEEDS_TARGETS = ("perception", "digits-perception")  # losses against ground truth: not for generated images
 ONE_STEP_ONLY = ("hypersd-unet",)  # rows shown at 1 step only in the grid
 REFERENCE_CACHE = 64  # teacher references kept per model service (prompt, seed)
-SCORED_REWARDS = ("digits-quality", "digits-alignment")  # default scores on the digits world
-NEEDS_TARGETS = ("perception", "digits-perception")  # losses against ground truth: not for generated images
 
 
 @dataclass
@@ -79,103 +79,6 @@ class AppSettings:
             return ("Training is off because the app was started with --public: anyone could "
                     "start processes. Restart without --public to train.")
         return ""
-
-
-def on_space() -> bool:
-    """True on a Hugging Face Space."""
-    return bool(os.environ.get("SPACE_ID"))
-
-
-# seconds per image per denoising step on a ZeroGPU slice (half precision, conservative);
-# CFG (the teacher) doubles the UNet batch
-GPU_STEP_SECONDS = {"digits": 0.01, "sd15": 0.06, "sdxl": 0.2}
-GPU_CALL_OVERHEAD_S = 8  # moving the resident weights in, the VAE decode, slack
-
-
-def gpu_seconds(images: int, steps: int, kind: str = "sdxl", cfg: bool = False) -> int:
-    """A ZeroGPU ``duration`` for a call that makes ``images`` images at ``steps`` steps:
-    grows with the grid instead of a fixed 120 s (a short request gets scheduled sooner;
-    a large grid is not cut off). Clamped to [10, 300]."""
-    per_step = GPU_STEP_SECONDS.get(kind, GPU_STEP_SECONDS["sdxl"]) * (2 if cfg else 1)
-    return int(min(300, max(10, GPU_CALL_OVERHEAD_S + 1.5 * images * steps * per_step)))
-
-
-def gpu(fn=None, duration=120):
-    """``spaces.GPU(duration=...)`` on ZeroGPU Spaces; a no-op where ``spaces`` is absent.
-
-    ``duration``: seconds, or a function of the call's own arguments returning seconds
-    (ZeroGPU's dynamic duration), e.g. ``lambda prompts, steps, *a: gpu_seconds(...)``.
-    """
-    def wrap(f):
-        try:
-            import spaces  # type: ignore[import-not-found]
-        except ImportError:
-            return f
-        return spaces.GPU(duration=duration)(f)
-
-    return wrap(fn) if fn is not None else wrap
-
-
-# ------------------------------------------------------------------ file lists
-def model_choices(settings: AppSettings) -> list[str]:
-    """Models the user has: digits, the configured one, and pipeline folders and SD1.5 /
-    SDXL single-file checkpoints (``.safetensors``, kind read from the keys) under models_dir."""
-    from hypersd_core.models.single_file import NotACheckpointError, detect_single_file_kind
-
-    found = ["digits"]
-    from hypersd_core.digits.style import STYLE_PIPELINE  # the shipped style backbone
-
-    if (STYLE_PIPELINE / "model_index.json").is_file():
-        found.append(str(STYLE_PIPELINE))
-    if settings.model not in found:
-        found.append(settings.model)
-    if settings.models_dir.is_dir():
-        for p in sorted(settings.models_dir.iterdir()):
-            if str(p) in found:
-                continue
-            if (p / "model_index.json").is_file():
-                found.append(str(p))
-            elif p.suffix == ".safetensors" and p.is_file():
-                try:  # LoRA files and other weights are not base models
-                    detect_single_file_kind(p)
-                except NotACheckpointError:
-                    continue
-                found.append(str(p))
-    return found + [m for m in settings.extra_models if m not in found]
-
-
-def lora_files(folder: Path) -> list[Path]:
-    """LoRA ``.safetensors`` files under ``folder`` (recursive, sorted); [] if it is absent."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
-
-
-def data_choices(settings: AppSettings) -> list[str]:
-    """Training data sources: 'digits' plus folders with metadata.jsonl under data_dir."""
-    found = ["digits"]
-    if settings.data_dir.is_dir():
-        found += [str(p) for p in sorted(settings.data_dir.iterdir())
-                  if (p / "metadata.jsonl").is_file()]
-    return found
-
-
-def official_method(path: Path) -> tuple[str, int | None]:
-    """The recipe an official LoRA file uses, from its name, and its fixed step count.
-
-    Hyper-SD N-step -> ('hypersd', N); Hyper-SD 1-step -> ('hypersd-unified', None)
-    (unified: 1-8 steps); LCM -> ('lcm', None); TCD -> ('tcd', None).
-    """
-    name = path.name.lower()
-    if "lcm" in name:
-        return "lcm", None
-    if "tcd" in name:
-        return "tcd", None
-    match = re.search(r"(\d+)\s*-?steps?", name)
-    if "hyper" in name and match:
-        n = int(match.group(1))
-        return ("hypersd-unified", None) if n == 1 else ("hypersd", n)
-    return "hypersd-unified", None
 
 
 # ------------------------------------------------------------------- generation
@@ -378,43 +281,6 @@ def default_adapter_name(method: str, steps: int) -> str | None:
     from hypersd_core.models.sampling import default_adapter
 
     return default_adapter(method, steps)
-
-
-def reward_choices() -> list[str]:
-    """Rewards the app offers for scoring generated images: those whose weights are on
-    disk ([] if the module is missing)."""
-    try:
-        from hypersd_core.rewards import available_rewards
-        from hypersd_core.rewards.availability import availability
-    except ImportError:
-        return []
-    return [r for r in available_rewards() if r not in NEEDS_TARGETS and availability(r).ok]
-
-
-def unavailable_rewards() -> dict[str, str]:
-    """Rewards not offered because their weights are missing: name -> what they need."""
-    try:
-        from hypersd_core.rewards import available_rewards
-        from hypersd_core.rewards.availability import availability
-    except ImportError:
-        return {}
-    found = [availability(r) for r in available_rewards() if r not in NEEDS_TARGETS]
-    return {a.name: a.note for a in found if not a.ok}
-
-
-def unavailable_text() -> str:
-    """Markdown lines naming the rewards that are off and the files each needs."""
-    off = unavailable_rewards()
-    if not off:
-        return ""
-    return "Rewards not offered (weights not found; no downloads are attempted):\n" + "".join(
-        f"\n- **{name}** {note}" for name, note in off.items())
-
-
-def default_rewards(model_kind: str = "digits") -> list[str]:
-    """The rewards scored by default (the digits world's own, cheap ones)."""
-    offered = reward_choices()
-    return [r for r in SCORED_REWARDS if r in offered] if model_kind == "digits" else []
 
 
 def compare_grid(service: ModelService, prompts: list[str], seeds: list[int],

@@ -96,13 +96,8 @@ def bench_breakdown(sampler, plan: BenchPlan, adapters: dict, prompt: str,
 def bench_grid(model: str, adapters: dict, plan: BenchPlan, device: str, log=print) -> dict:
     """The app's compare grid through ``ModelService``: first click, new prompt + seed,
     the same again, and without rewards (medians of ``plan.repeats``, interleaved)."""
-    from hypersd_core.app.service import (
-        COMPARE_METHODS,
-        COMPARE_STEPS,
-        ModelService,
-        compare_grid,
-        default_rewards,
-    )
+    from hypersd_core.app.choices import default_rewards
+    from hypersd_core.app.service import COMPARE_METHODS, COMPARE_STEPS, ModelService, compare_grid
 
     service = ModelService(model, device=device)
     backbone = service.sampler.backbone

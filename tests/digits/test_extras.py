@@ -222,7 +222,8 @@ def test_readme_stock_script_reproduces_the_apps_controlled_image():
 
 @shipped
 def test_style_backbone_is_offered_and_takes_the_base_adapters(tmp_path):
-    from hypersd_core.app.service import AppSettings, model_choices
+    from hypersd_core.app.choices import model_choices
+    from hypersd_core.app.service import AppSettings
     from hypersd_core.digits.style import STYLE_PIPELINE, load_style_net
     from hypersd_core.models.backbone import load_backbone
 

@@ -251,7 +251,8 @@ def test_training_on_a_single_file_model_saves_and_exports(tiny_files, tmp_path,
 def test_app_lists_single_file_checkpoints_not_loras(tiny_files, tmp_path):
     import shutil
 
-    from hypersd_core.app.service import AppSettings, model_choices
+    from hypersd_core.app.choices import model_choices
+    from hypersd_core.app.service import AppSettings
 
     models = tmp_path / "models"
     models.mkdir()

@@ -23,7 +23,7 @@ def empty_places(tmp_path, monkeypatch):
 
 
 def test_missing_weights_are_named_with_their_folder(empty_places):
-    from hypersd_core.app.service import reward_choices, unavailable_rewards
+    from hypersd_core.app.choices import reward_choices, unavailable_rewards
     from hypersd_core.rewards.availability import availability
 
     offered = reward_choices()
