@@ -128,3 +128,13 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the CPU may be shared with other jobs, and two
+    spinning threads on two busy cores make every op wait (several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,15 +14,7 @@ from safetensors.torch import save_file
 
 from hypersd_core.cli import main as cli_main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared with other jobs, and two spinning threads
-    on two busy cores make these runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_ARGS = ["--quick", "--steps", "1,2", "--methods", "hypersd,lcm", "--teacher-steps", "2",

@@ -13,13 +13,7 @@ from hypersd_core.bench import gpu
 from hypersd_core.bench.gpu_train import SMOKE_STAGES
 from hypersd_core.cli import main as cli_main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("stages", [

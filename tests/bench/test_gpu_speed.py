@@ -9,13 +9,7 @@ import torch
 
 from hypersd_core.cli import main as cli_main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gpu_speed_dry_run_through_the_command_line(tmp_path):

@@ -18,14 +18,7 @@ from hypersd_core.training.config import make_config
 from hypersd_core.training.runs import Run
 from hypersd_core.training.trainer import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on two cores shared with training jobs make every op wait (10x slower)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
