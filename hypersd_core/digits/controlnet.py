@@ -14,7 +14,6 @@ ControlNet (fp16 weights, loaded as fp32 on the CPU).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hypersd_core.digits import world as digits
+from hypersd_core.digits.finetune import encode_training_set, warmup_cosine
 from hypersd_core.models.controlnet import DIGITS_CONTROLNET
 
 # the digits VAE downsamples 32 -> 8: two stride-2 convs in the conditioning embedding
@@ -61,19 +61,12 @@ def train_controlnet(backbone, cfg: ControlNetConfig, log=print):
     controlnet = make_controlnet(unet).float().to(backbone.device).train()
     data = digits.DigitsDataset("train").tensors()
     gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        latents = torch.cat([backbone.encode_images(data["images"][i:i + 512]).float()
-                             for i in range(0, len(data["images"]), 512)])
-        prompts = [p for p, _, _ in digits.ALL_PROMPTS]
-        embeds = backbone.encode_prompt(prompts).hidden.float()
-        uncond = backbone.encode_prompt(prompts[:1], negative=True).hidden.float()
+    latents, embeds, uncond, prompt_of = encode_training_set(backbone, data)
     dev = backbone.device
-    prompt_of = (data["digits"] * len(digits.COLOUR_NAMES) + data["colours"]).to(dev)
     control = control_tensor(data["masks"]).to(dev)
     ac = backbone.alphas_cumprod.float().to(dev)
     opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
-                                              * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     t0 = time.perf_counter()
     done = 0
     bar = tqdm(range(cfg.steps), desc="controlnet", mininterval=10)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hypersd_core.digits import world as digits
+from hypersd_core.digits.finetune import encode_training_set, warmup_cosine
 from hypersd_core.paths import DIGITS_DIR, DIGITS_EVAL, DIGITS_PIPELINE
 
 STYLE = "glow"
@@ -75,21 +75,14 @@ def finetune_unet(backbone, cfg: StyleConfig, log=print):
     dev = backbone.device
     data = style_tensors("train")
     gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        latents = torch.cat([backbone.encode_images(data["images"][i:i + 512]).float()
-                             for i in range(0, len(data["images"]), 512)])
-        prompts = [p for p, _, _ in digits.ALL_PROMPTS]
-        embeds = backbone.encode_prompt(prompts).hidden.float()
-        uncond = backbone.encode_prompt(prompts[:1], negative=True).hidden.float()
-    prompt_of = (data["digits"] * len(digits.COLOUR_NAMES) + data["colours"]).to(dev)
+    latents, embeds, uncond, prompt_of = encode_training_set(backbone, data)
     unet = UNet2DConditionModel.from_config(backbone.unet.config).to(dev)
     unet.load_state_dict(backbone.unet.state_dict())
     unet.float().train().requires_grad_(True)
     ema = copy.deepcopy(unet).requires_grad_(False)
     ac = backbone.alphas_cumprod.float().to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
-                                              * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     t0 = time.perf_counter()
     done = 0
     for step in tqdm(range(cfg.steps), desc=f"style {STYLE}", mininterval=10):
