@@ -27,16 +27,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[2]))
 
 
-def steady_its(run_dir: Path) -> float:
-    """it/s between the first and the last logged step: a record's ``it_s`` is the mean
-    since the start of training, so its elapsed time is step / it_s."""
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
-    timed = [r for r in records if r.get("it_s")]
-    first, last = timed[0], timed[-1]
-    elapsed = last["step"] / last["it_s"] - first["step"] / first["it_s"]
-    return (last["step"] - first["step"]) / max(1e-9, elapsed)
-
-
 def load() -> str:
     return open("/proc/loadavg").read().split()[0]
 
@@ -66,6 +56,7 @@ def main(steps: int, reps: int, root: Path) -> None:
 
     import app
     from hypersd_core.app.service import AppSettings
+    from hypersd_core.bench.cpu_share import steady_its
     from train_tab import controller as ctl
 
     os.chdir(HERE.parents[2])
