@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 from hypersd_core.models.controlnet import mask_image, sketch_to_mask
 
 NUM_HELDOUT_CHOICES = 24

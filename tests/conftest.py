@@ -11,7 +11,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from hypersd_core.digits import world as digits  # noqa: E402
+from hypersd_core.worlds import digits  # noqa: E402
 
 if "OMP_NUM_THREADS" not in os.environ:  # a busy machine can ask for fewer
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -10,9 +10,10 @@ PKG = Path(__file__).resolve().parents[1] / "hypersd_core"
 # What each subpackage may import from hypersd_core (besides itself and ``paths``).
 ALLOWED = {
     "models": set(),
-    "distill": {"models", "rewards"},
-    "rewards": {"models", "digits"},
-    "digits": {"models", "distill", "rewards", "training", "evaluation"},
+    "distill": {"models", "rewards", "worlds"},
+    "worlds": set(),
+    "rewards": {"models", "worlds"},
+    "digits": {"models", "distill", "rewards", "training", "evaluation", "worlds"},
 }
 FORBIDDEN_FOR_CORE = ("hypersd_core.training", "hypersd_core.app", "hypersd_core.cli",
                       "train_tab", "compare_tab", "app")

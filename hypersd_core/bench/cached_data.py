@@ -32,7 +32,7 @@ def _image_folder(folder: Path, n: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from hypersd_core.digits import world as digits
+    from hypersd_core.worlds import digits
 
     data = digits.DigitsDataset("train").tensors()
     prompts = [p for p, _, _ in digits.ALL_PROMPTS]

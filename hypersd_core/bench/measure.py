@@ -195,7 +195,7 @@ def bench_prompts(kind: str, n: int) -> list[str]:
     """n prompts: digits captions for the digits world (and tiny test models sharing its
     tokenizer), the shipped COCO-style captions otherwise."""
     if kind == "digits" or not COCO_PROMPTS.is_file():
-        from hypersd_core.digits.world import ALL_PROMPTS
+        from hypersd_core.worlds.digits import ALL_PROMPTS
 
         pool = [p for p, *_ in ALL_PROMPTS]
     else:

@@ -1,2 +1,3 @@
-"""The digits world: a miniature Stable Diffusion on scikit-learn's digits (data, captions,
-tokenizer), its build, the shipped adapter chain, its evaluation networks and metrics."""
+"""Experiments on the digits world: its build, the shipped adapter chain, the protocol, its
+evaluation networks and metrics. The world's data, captions and tokenizer live in
+``hypersd_core.worlds.digits``."""

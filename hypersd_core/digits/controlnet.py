@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 from hypersd_core.digits.finetune import encode_training_set, warmup_cosine
 from hypersd_core.models.controlnet import DIGITS_CONTROLNET
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 
 
 class SmallCNN(torch.nn.Module):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 from hypersd_core.digits.evaluate import (
     default_evaluator,
     eval_prompts,

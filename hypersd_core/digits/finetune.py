@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 
 
 @torch.no_grad()

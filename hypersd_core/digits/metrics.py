@@ -50,7 +50,7 @@ class DigitsMetrics:
     """Per-image arrays and bootstrap summaries (the project nets plus random features)."""
 
     def __init__(self, device: str = "cpu"):
-        from hypersd_core.digits import world as digits
+        from hypersd_core.worlds import digits
         from hypersd_core.digits.evaluate import default_evaluator
 
         self.ev = default_evaluator()
@@ -71,7 +71,7 @@ class DigitsMetrics:
         return torch.cat(out).numpy().astype(np.float32)
 
     def row_arrays(self, images, prompts: list[str]) -> dict[str, np.ndarray]:
-        from hypersd_core.digits import world as digits
+        from hypersd_core.worlds import digits
         from hypersd_core.digits.evaluate import ink_colour, to_tensor
 
         x = to_tensor(images)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hypersd_core.digits import world
+from hypersd_core.worlds import digits as world
 from hypersd_core.paths import DIGITS_DIR
 from hypersd_core.rewards.base import (
     ImagesLike,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from hypersd_core.digits import world
+from hypersd_core.worlds import digits as world
 from hypersd_core.rewards.digits import (
     CLASSES,
     FILES,

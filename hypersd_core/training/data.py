@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 from hypersd_core.models.backbone import Backbone
 from hypersd_core.training.batch import (  # noqa: F401  (re-exported: Batch, DataOptions, ...)
     Batch,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 from hypersd_core.paths import DIGITS_PIPELINE
 
 shipped = pytest.mark.skipif(not (DIGITS_PIPELINE / "model_index.json").is_file(),

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from hypersd_core.digits import world  # noqa: E402
+from hypersd_core.worlds import digits as world  # noqa: E402
 from hypersd_core.rewards import (  # noqa: E402
     Reward,
     RewardWeightsMissing,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hypersd_core.digits import world as digits
+from hypersd_core.worlds import digits
 from hypersd_core.models.backbone import load_backbone
 from hypersd_core.training.data import DataOptions, make_data
 
