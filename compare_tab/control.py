@@ -6,8 +6,8 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
-from hypersd_core.worlds import digits
 from hypersd_core.models.controlnet import mask_image, sketch_to_mask
+from hypersd_core.worlds import digits
 
 NUM_HELDOUT_CHOICES = 24
 NO_MASK = "(use the drawing)"

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hypersd_core.worlds import digits
 from hypersd_core.paths import DIGITS_DIR
+from hypersd_core.worlds import digits
 
 GUIDANCE_SCALE = 2.0  # recommended CFG of the digits teacher: best FD at >= 99% accuracy (README)
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hypersd_core.worlds import digits
 from hypersd_core.digits.finetune import encode_training_set, warmup_cosine
 from hypersd_core.models.controlnet import DIGITS_CONTROLNET
+from hypersd_core.worlds import digits
 
 # the digits VAE downsamples 32 -> 8: two stride-2 convs in the conditioning embedding
 CONDITIONING_CHANNELS = (16, 32, 64)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hypersd_core.worlds import digits
 from hypersd_core.paths import DIGITS_EVAL
+from hypersd_core.worlds import digits
 
 PALETTE = torch.tensor([digits.COLOURS[c] for c in digits.COLOUR_NAMES], dtype=torch.float32) / 255
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hypersd_core.worlds import digits
 from hypersd_core.digits.evaluate import (
     default_evaluator,
     eval_prompts,
@@ -29,6 +28,7 @@ from hypersd_core.digits.evaluate import (
     ink_colour,
     to_tensor,
 )
+from hypersd_core.worlds import digits
 
 CONTROL_SEED = 2000
 STYLE_REF_SEED = 5000

@@ -50,8 +50,8 @@ class DigitsMetrics:
     """Per-image arrays and bootstrap summaries (the project nets plus random features)."""
 
     def __init__(self, device: str = "cpu"):
-        from hypersd_core.worlds import digits
         from hypersd_core.digits.evaluate import default_evaluator
+        from hypersd_core.worlds import digits
 
         self.ev = default_evaluator()
         self.device = device
@@ -71,8 +71,8 @@ class DigitsMetrics:
         return torch.cat(out).numpy().astype(np.float32)
 
     def row_arrays(self, images, prompts: list[str]) -> dict[str, np.ndarray]:
-        from hypersd_core.worlds import digits
         from hypersd_core.digits.evaluate import ink_colour, to_tensor
+        from hypersd_core.worlds import digits
 
         x = to_tensor(images)
         parsed = [digits.parse_caption(p) for p in prompts]

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hypersd_core.worlds import digits
 from hypersd_core.digits.finetune import encode_training_set, warmup_cosine
 from hypersd_core.paths import DIGITS_DIR, DIGITS_EVAL, DIGITS_PIPELINE
+from hypersd_core.worlds import digits
 
 STYLE = "glow"
 STYLE_PIPELINE = DIGITS_DIR / f"style-{STYLE}"

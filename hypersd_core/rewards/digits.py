@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hypersd_core.worlds import digits as world
 from hypersd_core.paths import DIGITS_DIR
 from hypersd_core.rewards.base import (
     ImagesLike,
@@ -32,6 +31,7 @@ from hypersd_core.rewards.base import (
     RewardWeightsMissing,
     to_image_tensor,
 )
+from hypersd_core.worlds import digits as world
 
 REWARDS_DIR = DIGITS_DIR / "rewards"
 FILES = {"digits-quality": "quality.safetensors", "digits-alignment": "alignment.safetensors",

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from hypersd_core.worlds import digits as world
 from hypersd_core.rewards.digits import (
     CLASSES,
     FILES,
@@ -28,6 +27,7 @@ from hypersd_core.rewards.digits import (
     load_digits_reward,
     segmentation_loss,
 )
+from hypersd_core.worlds import digits as world
 
 # ---------------------------------------------------------------- degradations (x in [0,1])
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hypersd_core.worlds import digits
 from hypersd_core.models.backbone import Backbone
 from hypersd_core.training.batch import (  # noqa: F401  (re-exported: Batch, DataOptions, ...)
     Batch,
@@ -34,6 +33,7 @@ from hypersd_core.training.batch import (  # noqa: F401  (re-exported: Batch, Da
     prepare_image,
     sdxl_time_ids,
 )
+from hypersd_core.worlds import digits
 
 
 class DigitsData:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hypersd_core.worlds import digits
 from hypersd_core.paths import DIGITS_PIPELINE
+from hypersd_core.worlds import digits
 
 shipped = pytest.mark.skipif(not (DIGITS_PIPELINE / "model_index.json").is_file(),
                              reason="digits world not built")

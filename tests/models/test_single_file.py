@@ -18,9 +18,9 @@ import torch
 from conftest import _scheduler, _text_encoder, _tokenizer, _vae, build_tiny_sd15, make_image_folder
 from safetensors.torch import load_file, save_file
 
-from hypersd_core.worlds import digits
 from hypersd_core.models import single_file
 from hypersd_core.models.backbone import load_backbone
+from hypersd_core.worlds import digits
 
 # ------------------------------------------------------------------ diffusers -> original keys
 

@@ -12,7 +12,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from hypersd_core.worlds import digits as world  # noqa: E402
 from hypersd_core.rewards import (  # noqa: E402
     Reward,
     RewardWeightsMissing,
@@ -21,6 +20,7 @@ from hypersd_core.rewards import (  # noqa: E402
     score_images,
     to_image_tensor,
 )
+from hypersd_core.worlds import digits as world  # noqa: E402
 
 TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},

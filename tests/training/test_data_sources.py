@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hypersd_core.worlds import digits
 from hypersd_core.models.backbone import load_backbone
 from hypersd_core.training.data import DataOptions, make_data
+from hypersd_core.worlds import digits
 
 BROKEN = b"\x89PNG\r\n\x1a\n this is no image"
 
