@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from hypersd_core.filelocks import FileLock
 from hypersd_core.models.lora import WEIGHT_NAME
 from hypersd_core.paths import ROOT
 from hypersd_core.training.config import StageConfig, load_preset
@@ -73,12 +73,8 @@ def device_lock(runs_root: str | Path) -> Iterator[None]:
     """Exclusive lock on the device's run queue (a file under ``runs_root``)."""
     root = Path(runs_root)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_NAME, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with FileLock(root / LOCK_NAME):
+        yield
 
 
 def start_when_free(run: Run, runs_root: str | Path, poll_s: float = 2.0,

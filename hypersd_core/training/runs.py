@@ -2,8 +2,9 @@
 
 A run folder (DESIGN.md) holds everything about a run, so a page reload or an app
 restart loses nothing. One process owns a run folder at a time: the trainer holds an
-exclusive ``flock`` on ``LOCK`` (the kernel drops it when the process ends, also on
-``kill -9``), and a second start or resume is refused naming the holder's PID.
+exclusive lock on ``LOCK`` (``hypersd_core/filelocks.py``: ``flock`` on POSIX,
+``msvcrt`` on Windows; the system drops it when the process ends, also on ``kill -9``),
+and a second start or resume is refused naming the holder's PID.
 Checkpoints are written to a temp folder, their COMPLETE manifest records the size and
 SHA-256 of every file, then they are renamed, and only then are old ones pruned; on
 resume a partial or corrupt one is skipped with a warning naming it.
@@ -11,7 +12,6 @@ resume a partial or corrupt one is skipped with a warning naming it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypersd_core.filelocks import FileLock, is_locked
 from hypersd_core.paths import ROOT
 from hypersd_core.training.config import StageConfig, load_config_file, save_config
 
@@ -37,30 +38,32 @@ class RunLockedError(RuntimeError):
 
 
 class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``run_dir/LOCK`` (released on exit or kill)."""
+    """An exclusive, non-blocking lock on ``run_dir/LOCK`` (released on exit or kill)."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
-        self.fd: int | None = None
+        self._lock: FileLock | None = None
+
+    @property
+    def fd(self) -> int | None:
+        return self._lock.fd if self._lock is not None else None
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(self.path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.acquire()
         except BlockingIOError:
-            os.close(fd)
             raise RunLockedError(busy_message(self.path.parent, lock_holder(self.path.parent))) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
+        os.ftruncate(lock.fd, 0)
+        os.write(lock.fd, str(os.getpid()).encode())
+        self._lock = lock
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -72,20 +75,13 @@ class RunLock:
 def lock_holder(run_dir: str | Path) -> int | None:
     """The PID holding the run folder's lock (0 when it is held but unreadable), or None."""
     path = Path(run_dir) / LOCK
+    if not is_locked(path):
+        return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        text = path.read_text(errors="replace").strip()
     except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else 0
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+        return 0
+    return int(text) if text.isdigit() else 0
 
 
 def busy_message(run_dir: Path, pid: int | None) -> str:
@@ -225,8 +221,9 @@ class Run:
         pid = status.get("pid")
         if status.get("state") in ("running", "queued") and pid_alive(pid):
             self.write_status(state="stopping")
-            try:
-                os.killpg(os.getpgid(pid), signal.SIGINT)
+            try:  # Windows has no process groups: the flag file alone stops the run there
+                if hasattr(os, "killpg"):
+                    os.killpg(os.getpgid(pid), signal.SIGINT)
             except (ProcessLookupError, PermissionError):
                 pass
 
