@@ -23,7 +23,6 @@ from pathlib import Path
 import gradio as gr
 
 from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
-from compare_tab.display import APP_CSS
 from compare_tab.study import study_middleware
 from compare_tab.study_results import build_study_results_tab
 from hypersd_core.app.choices import default_rewards
@@ -34,6 +33,7 @@ from hypersd_core.paths import ROOT
 from hypersd_core.study.store import StudyConfig, StudyStore
 from train_tab import build_rewards_tab, build_train_tab
 from train_tab import controller as train_ctl
+from ui_common.display import APP_CSS
 
 TITLE = "Hyper-SD Studio"
 

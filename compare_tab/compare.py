@@ -33,8 +33,7 @@ from hypersd_core.app.service import (
 )
 from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
-
-from .display import enlarge, image_classes, img_tag
+from ui_common.display import enlarge, image_classes, img_tag
 
 MAX_PROMPTS = 4
 ROW_LABELS = {"teacher": "teacher", "lcm": "LCM", "tcd": "TCD", "hypersd": "Hyper-SD N-step",

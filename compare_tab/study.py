@@ -175,7 +175,7 @@ def for_screen(image: Image.Image, min_side: int = MIN_SIDE) -> Image.Image:
     """Small (digits-sized) images upscaled nearest-neighbour to at least ``min_side`` px
     (the app's display helper when present; SD-sized images unchanged)."""
     try:
-        from compare_tab.display import enlarge
+        from ui_common.display import enlarge
     except ImportError:
         enlarge = None
     if enlarge is not None:

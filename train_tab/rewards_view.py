@@ -7,12 +7,12 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from compare_tab.display import enlarge, image_classes
 from hypersd_core.app import limits
 from hypersd_core.app.choices import default_rewards, reward_choices, unavailable_text
 from hypersd_core.app.service import AppSettings, ModelService
 from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
+from ui_common.display import enlarge, image_classes
 
 from . import controller as ctl
 

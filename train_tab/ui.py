@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image
 
-from compare_tab.display import enlarge, image_classes, is_small, retile
 from hypersd_core.app.choices import data_choices, model_choices
 from hypersd_core.app.service import AppSettings
+from ui_common.display import enlarge, image_classes, is_small, retile
 
 from . import controller as ctl
 

@@ -27,7 +27,7 @@ SECTIONS = [
      "--protocol runs/protocol/protocol.json --out assets/results/protocol"),
     ("feedback", "Human-feedback stage: digits rewards and FD before / after (held-out seeds; "
      "k1 = the shipped TSCD k=1 adapter the feedback stage was trained on)",
-     "python -m hypersd_core.evaluation.reward_eval --entry k1=hypersd:1:hypersd-k1 --entry "
+     "python -m hypersd_core.digits.reward_eval --entry k1=hypersd:1:hypersd-k1 --entry "
      "k1-feedback=hypersd:1:hypersd-k1-feedback --entry k1@2=hypersd:2:hypersd-k1 --entry "
      "k1-feedback@2=hypersd:2:hypersd-k1-feedback --num-images 800 --out assets/results/feedback.json"),
 ]

@@ -1,7 +1,7 @@
 """Reward scores and digits metrics of adapters on held-out seeds: the before/after
 table of the feedback stage.
 
-    python -m hypersd_core.evaluation.reward_eval --entry k1=hypersd:1:hypersd-k1 \\
+    python -m hypersd_core.digits.reward_eval --entry k1=hypersd:1:hypersd-k1 \\
         --entry k1-feedback=hypersd:1:hypersd-k1-feedback --num-images 800 --out results/feedback.json
 
 Each entry is LABEL=METHOD:STEPS:ADAPTER (an adapter name of the digits world or a LoRA
