@@ -104,6 +104,8 @@ def bench_grid(model: str, adapters: dict, plan: BenchPlan, device: str, log=pri
     for name, info in adapters.items():  # random stand-ins where the model has none
         backbone.adapter_dirs.setdefault(name, Path(info["path"]))
     rows = [(m, None, m) for m in COMPARE_METHODS]
+    if service.has_onestep_unet():  # the app shows this row too, where the model has one
+        rows.append(("hypersd-unet", None, "hypersd-unet"))
     rewards = default_rewards(backbone.kind)
     pool = bench_prompts(backbone.kind, 64)
     dev = torch.device(device)

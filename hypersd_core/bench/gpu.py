@@ -1,6 +1,6 @@
 """GPU check: full-size SDXL and SD1.5 architectures with random weights.
 
-``python -m hypersd_core bench --gpu [--dtype fp16|bf16] [--out results/bench_gpu.json]``
+``python -m hypersd_core bench --gpu [--dtype fp16|bf16] [--out out/bench/bench_gpu.json]``
 
 Builds UNet, VAE and text encoder(s) from the public diffusers configs shipped in
 ``assets/configs/`` (nothing is downloaded; the tokenizer is the small local one,
@@ -292,7 +292,7 @@ def gpu_errors(result: dict) -> list[str]:
     return errors
 
 
-def run_gpu_check(out: str | Path = "results/bench_gpu.json", dry_run: bool = False,
+def run_gpu_check(out: str | Path = "out/bench/bench_gpu.json", dry_run: bool = False,
                   dtype: str = "bf16", device: str | None = None, plan: GpuPlan | None = None,
                   log=print) -> dict:
     """Run the GPU check (or its CPU dry run) and write one JSON file; ``result["errors"]``

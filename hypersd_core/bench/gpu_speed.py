@@ -112,7 +112,7 @@ def _model_part(kind: str, plan: SpeedPlan, device: str, dtype: torch.dtype, t0:
     return out
 
 
-def run_gpu_speed(out: str | Path = "assets/results/bench_gpu_speed.json", dry_run: bool = False,
+def run_gpu_speed(out: str | Path = "out/bench/bench_gpu_speed.json", dry_run: bool = False,
                   device: str | None = None, plan: SpeedPlan | None = None, log=print) -> dict:
     """Run the comparison for each model of the plan and write one JSON file.
 

@@ -1,11 +1,15 @@
-"""Bench output: JSON, Markdown tables, the scaling plot, and README's Performance section."""
+"""Bench output: JSON, Markdown tables, the scaling plot, and the docs' Performance section."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from hypersd_core.paths import ASSETS, ROOT
+
 README_HEADING = "## Performance"
+PERFORMANCE_DOC = ROOT / "README.md"  # the file whose README_HEADING section bench rebuilds
 
 
 def _ms(stats: dict) -> str:
@@ -193,8 +197,9 @@ def _scaling_tables(result: dict) -> list[str]:
 def gpu_lines(gpu: dict | None) -> list[str]:
     """A short table of the GPU check, or the line saying it was not run."""
     if not gpu or gpu.get("dry_run"):
-        return ["GPU figures: not run on a GPU. The check is ready: "
-                "`python -m hypersd_core bench --gpu --out bench_gpu.json` (full-size SDXL at 1024 "
+        return ["GPU check (`bench --gpu`: latency and a training smoke run of every stage): "
+                "not run on a GPU yet (the speed check below is a separate command). It is "
+                "ready: `python -m hypersd_core bench --gpu` (full-size SDXL at 1024 "
                 "and SD1.5 at 512 with random weights from `assets/configs/`, bf16: sampling "
                 "latency and a 2-step training smoke run of every stage type with its peak "
                 "memory; sized for under 7 minutes on one H100, exits non-zero if any part "
@@ -244,7 +249,7 @@ def gpu_speed_lines(speed: dict | None) -> list[str]:
     if not speed or speed.get("dry_run"):
         return ["GPU speed check (ours fused vs stock `load_lora_weights` vs stock `fuse_lora`, "
                 "SD1.5 and SDXL sizes, fp16): not run yet; `python -m hypersd_core bench "
-                "--gpu-speed --out bench_gpu_speed.json` on a CUDA machine."]
+                "--gpu-speed` on a CUDA machine."]
     head = speed["header"]
     out = [f"GPU speed check on {head.get('gpu', '?')} ({speed['dtype']}, random weights, random "
            f"rank-{speed['plan']['rank']} LoRA, batch 1, medians of {speed['plan']['pairs']} "
@@ -272,20 +277,33 @@ def _train_cell(train: dict, b: int) -> str:
     return f"{row['step_ms']:.0f} / {row['peak_mb']:.0f}" if "step_ms" in row else "-"
 
 
+def _link(path: Path, doc: Path) -> str:
+    """``path`` relative to the folder of ``doc`` (Markdown links resolve from there)."""
+    return Path(os.path.relpath(path, doc.parent)).as_posix()
+
+
 def readme_section(result: dict | None, gpu: dict | None = None,
-                   speed: dict | None = None) -> str:
-    """README's Performance section: how to reproduce, the bench tables, the GPU status."""
+                   speed: dict | None = None, doc: Path | None = None) -> str:
+    """The docs' Performance section: how to reproduce, the bench tables, the GPU status.
+    Links to the published files are written relative to ``doc`` (default PERFORMANCE_DOC)."""
+    doc = Path(doc or PERFORMANCE_DOC)
+    results = ASSETS / "results"
+    files = {name: _link(results / name, doc) for name in ("bench.md", "bench.png", "bench.json")}
     out = ["Measured by `python -m hypersd_core bench` (one process; median of several repeats "
-           "after a warm-up; `--quick` for a one-minute run) and written here with "
-           "`python -m hypersd_core bench --update-readme`. Full tables and the plot: "
-           "`assets/results/bench.md`, `assets/results/bench.png`; raw figures: `assets/results/bench.json`.", ""]
+           "after a warm-up; `--quick` for a one-minute run; figures go to `--out`, default "
+           "`out/bench/`) and published here with `python -m hypersd_core bench --update-readme`, "
+           "which writes them to `assets/results/` and rebuilds this section. Full tables: "
+           f"[bench.md]({files['bench.md']}); raw figures: [bench.json]({files['bench.json']}).", ""]
     if result is None:
         out.append("Digits-world figures: not measured yet (the shipped adapters were still "
                    "training when this section was written; timing beside training jobs on a "
                    "shared two-core CPU would not mean much).")
     else:
-        out.append(markdown(result).replace("### Bench:", "### Digits world on the CPU:"
-                                            if result.get("kind") == "digits" else "### Bench:"))
+        text = markdown(result).replace("### Bench:", "### Digits world on the CPU:"
+                                        if result.get("kind") == "digits" else "### Bench:")
+        if result.get("plot"):  # bench.md sits beside the plot; this section does not
+            text = text.replace(f"]({result['plot']})", f"]({files['bench.png']})")
+        out.append(text)
     out += [""] + gpu_lines(gpu) + [""] + gpu_speed_lines(speed)
     return "\n".join(out) + "\n"
 

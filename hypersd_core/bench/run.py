@@ -20,6 +20,10 @@ Every figure is the median of several repeats after a warm-up. Models without sh
 adapters get random LoRAs of the same rank (timing does not depend on their values).
 ``--gpu`` runs the full-size SD1.5/SDXL GPU check instead (``bench_gpu``), ``--gpu-speed``
 the fused / stock unfused / stock fused comparison at SD1.5 and SDXL sizes (``gpu_speed``).
+
+Where figures go: ``--out`` (default ``out/bench/``, git-ignored). Only ``--update-readme``
+writes the published copies, ``assets/results/bench*.json`` (+ .md, .png), and rebuilds the
+Performance section of the docs from them; a plain run never touches a tracked file.
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ from hypersd_core.bench.measure import (  # noqa: F401  (re-exported for callers
     time_call,
     training_processes,
 )
-from hypersd_core.paths import ROOT
+from hypersd_core.paths import ASSETS
 
+DEFAULT_OUT = Path("out") / "bench"  # git-ignored, under the working directory
+PUBLISHED = ASSETS / "results"  # the figures the docs show: written by --update-readme only
 # ------------------------------------------------------------------ the run
 
 def run_bench(model: str = "digits", plan: BenchPlan | None = None, device: str = "cpu",
-              out: str | Path = "assets/results/bench.json", log=print) -> dict:
+              out: str | Path = DEFAULT_OUT / "bench.json", log=print) -> dict:
     """Run every CPU/GPU benchmark on ``model`` and write JSON, Markdown and a PNG.
 
     Args:
@@ -160,7 +166,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="digits", help="'digits' or a diffusers pipeline folder")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (about a minute)")
     p.add_argument("--out", default=None,
-                   help="JSON path (default assets/results/bench.json; --gpu: assets/results/bench_gpu.json)")
+                   help="JSON path (default out/bench/bench.json; --gpu: out/bench/bench_gpu.json; "
+                   "--gpu-speed: out/bench/bench_gpu_speed.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", help="comma list of step counts (default 1,2,4,8)")
     p.add_argument("--methods", help="comma list of few-step methods")
@@ -171,7 +178,8 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", help="comma list of training stage types")
     p.add_argument("--batches", help="comma list of batch sizes for the scaling tables")
     p.add_argument("--update-readme", action="store_true",
-                   help="replace README.md's '## Performance' section with the result")
+                   help="publish: write the figures to assets/results/ (instead of --out) and "
+                   "rebuild the docs' Performance section from them")
     p.add_argument("--gpu", action="store_true",
                    help="full-size SDXL/SD1.5 GPU check with random weights (bench_gpu)")
     p.add_argument("--gpu-speed", action="store_true",
@@ -216,23 +224,50 @@ def plan_from_args(args) -> BenchPlan:
     return dataclasses.replace(plan, **changes).validate()
 
 
+def out_path(args, name: str) -> Path:
+    """Where this run writes ``name``: assets/results/ when publishing, else --out or out/bench/."""
+    if args.update_readme:
+        if args.out:
+            raise ValueError(f"--update-readme writes {PUBLISHED / name}; leave out --out")
+        return PUBLISHED / name
+    return Path(args.out) if args.out else DEFAULT_OUT / name
+
+
+def publish_section() -> Path:
+    """Rebuild the docs' Performance section from the published figures in assets/results."""
+    from hypersd_core.bench.report import PERFORMANCE_DOC, readme_section, update_readme
+
+    def load(name):
+        path = PUBLISHED / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    body = readme_section(load("bench.json"), load("bench_gpu.json"), load("bench_gpu_speed.json"))
+    return update_readme(PERFORMANCE_DOC, body)
+
+
 def main_bench(args) -> int:
     """Entry point of the ``bench`` command."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.update_readme and args.dry_run:
+        raise ValueError("--dry-run figures are not published; drop --update-readme")
     if args.gpu_speed:
         from hypersd_core.bench.gpu_speed import run_gpu_speed
 
-        run_gpu_speed(out=args.out or "assets/results/bench_gpu_speed.json",
+        run_gpu_speed(out=out_path(args, "bench_gpu_speed.json"),
                       dry_run=args.dry_run, device=None if args.dry_run else args.device)
+        if args.update_readme:
+            print(f"updated {publish_section()}")
         return 0
     if args.gpu:
         from hypersd_core.bench.gpu import run_gpu_check
 
-        result = run_gpu_check(out=args.out or "assets/results/bench_gpu.json",
+        result = run_gpu_check(out=out_path(args, "bench_gpu.json"),
                                dry_run=args.dry_run, dtype=args.dtype,
                                device=None if args.dry_run else args.device)
         for line in result["errors"]:
             print(f"error: {line}", file=sys.stderr)
+        if args.update_readme and not result["errors"]:
+            print(f"updated {publish_section()}")
         return 1 if result["errors"] else 0
     if args.dry_run:
         raise ValueError("--dry-run goes with --gpu (the CPU bench has --quick)")
@@ -243,13 +278,7 @@ def main_bench(args) -> int:
     if unknown:
         raise ValueError(f"unknown few-step methods {unknown}; choose from "
                          f"{', '.join(m for m in RECIPES if m != 'teacher')}")
-    result = run_bench(args.model, plan, device, args.out or "assets/results/bench.json")
+    run_bench(args.model, plan, device, out_path(args, "bench.json"))
     if args.update_readme:
-        from hypersd_core.bench.report import readme_section, update_readme
-
-        gpu_file = Path(args.out or "assets/results/bench.json").parent / "bench_gpu.json"
-        gpu = json.loads(gpu_file.read_text()) if gpu_file.is_file() else None
-        speed_file = gpu_file.with_name("bench_gpu_speed.json")
-        speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
-        print(f"updated {update_readme(ROOT / 'README.md', readme_section(result, gpu, speed))}")
+        print(f"updated {publish_section()}")
     return 0

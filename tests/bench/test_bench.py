@@ -4,6 +4,10 @@ the output keys (never timings)."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,16 +58,44 @@ def test_gpu_check_needs_cuda_or_dry_run():
         run_gpu_check(dry_run=False)
 
 
-def _run_tiny_bench(model, out, stages: str) -> dict:
-    assert cli_main(["bench", "--model", str(model), "--out", str(out), "--device", "cpu",
+def _run_tiny_bench(model, out, stages: str, pass_out: bool = True) -> dict:
+    """Run the tiny bench; ``pass_out=False`` leaves --out to its default (``out`` is then
+    where the run is expected to write)."""
+    where = ["--out", str(out)] if pass_out else []
+    assert cli_main(["bench", "--model", str(model), *where, "--device", "cpu",
                      "--stages", stages, *TINY_ARGS]) == 0
     return json.loads(out.read_text())
 
 
-def test_bench_quick_on_tiny_model(tiny_sd15, tmp_path, capsys):
-    """A tiny ``bench --quick``-like run through the command line: JSON keys, tables, plot."""
-    out = tmp_path / "bench.json"
-    result = _run_tiny_bench(tiny_sd15, out, "tscd,dmd")
+def _git(cwd, *args) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.fixture
+def project_copy(tmp_path, monkeypatch):
+    """A git checkout holding the project's .gitignore and tracked assets/results/bench.*,
+    as the working directory."""
+    from hypersd_core.paths import ROOT
+
+    repo = tmp_path / "repo"
+    (repo / "assets" / "results").mkdir(parents=True)
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    for name in ("bench.json", "bench.md", "bench.png"):
+        shutil.copy(ROOT / "assets" / "results" / name, repo / "assets" / "results" / name)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tracked")
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def test_bench_quick_on_tiny_model(tiny_sd15, project_copy, capsys):
+    """A tiny ``bench --quick``-like run through the command line, without --out: JSON keys,
+    tables, plot, all under the git-ignored out/bench/; no tracked file changes."""
+    out = project_copy / "out" / "bench" / "bench.json"
+    result = _run_tiny_bench(tiny_sd15, out, "tscd,dmd", pass_out=False)
+    assert _git(project_copy, "status", "--porcelain") == ""
     for key in ("header", "plan", "sampling", "vs_stock", "breakdown", "grid", "switch", "training",
                 "scaling_sampling", "scaling_training", "summary"):
         assert key in result, key
@@ -119,6 +151,37 @@ def test_bench_arguments_are_checked(tiny_sd15, tmp_path):
     assert cli_main(["bench", "--model", str(tiny_sd15), "--methods", "nope",
                      "--out", str(tmp_path / "b.json")]) == 2
     assert cli_main(["bench", "--dry-run", "--out", str(tmp_path / "b.json")]) == 2
+
+
+def test_only_update_readme_publishes(tmp_path, monkeypatch):
+    """--update-readme writes assets/results (never with --out) and the docs section, whose
+    links resolve from the doc's own folder."""
+    import argparse
+
+    from hypersd_core.bench import report, run
+
+    args = argparse.Namespace(update_readme=False, out=None)
+    assert run.out_path(args, "bench.json") == Path("out/bench/bench.json")
+    args.out = str(tmp_path / "x.json")
+    assert run.out_path(args, "bench.json") == tmp_path / "x.json"
+    args.update_readme = True
+    with pytest.raises(ValueError, match="leave out --out"):
+        run.out_path(args, "bench.json")
+    args.out = None
+    assert run.out_path(args, "bench_gpu.json") == run.PUBLISHED / "bench_gpu.json"
+
+    doc = tmp_path / "docs" / "performance.md"
+    doc.parent.mkdir()
+    doc.write_text("# Performance notes\n\n## Performance\n\nold\n")
+    monkeypatch.setattr(report, "PERFORMANCE_DOC", doc)
+    run.publish_section()
+    text = doc.read_text()
+    assert "old" not in text and "Digits world on the CPU" in text
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    assert any(link.endswith("bench.png") for link in links)
+    for link in links:
+        if not link.startswith("http"):
+            assert (doc.parent / link).is_file(), link
 
 
 def test_update_readme_replaces_only_its_section(tmp_path):
