@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from hypersd_core import safe_yaml
 from hypersd_core.app.choices import data_choices, model_choices
 from hypersd_core.app.service import AppSettings
 from hypersd_core.models.lora import WEIGHT_NAME
@@ -91,8 +92,10 @@ class Checked:
 def check_settings(text: str, model: str, init_run: str, data: str,
                    settings: AppSettings) -> Checked:
     """Parse and validate the editor's YAML with the dropdowns' model/adapter/data."""
-    try:
-        values = yaml.safe_load(text or "") or {}
+    try:  # bounded: an alias bomb or a huge paste is refused before it is walked
+        values = safe_yaml.load(text or "", "the settings") or {}
+    except safe_yaml.YAMLBoundsError as err:
+        return Checked(None, [str(err)])
     except yaml.YAMLError as err:
         return Checked(None, [f"the settings are not valid YAML: {err}"])
     if not isinstance(values, dict):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from hypersd_core import safe_yaml
 from hypersd_core.paths import ASSETS
 
 STUDY_YAML = ASSETS / "study.yaml"
@@ -108,7 +109,7 @@ class StudyConfig:
     def from_yaml(cls, path: str | Path = STUDY_YAML) -> StudyConfig:
         """Load and validate a YAML mapping; absent keys keep their defaults."""
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = safe_yaml.load(Path(path).read_text(), str(path)) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -12,6 +12,25 @@ from PIL import Image
 
 from hypersd_core.models.backbone import Backbone, PromptEmbeds
 
+# Caps on one decoded training member: anything larger is a bad sample (skipped, counted),
+# never read into memory. LAION-style shards hold images of a few hundred KB and captions
+# of a few hundred bytes; CLIP reads 77 tokens.
+MAX_IMAGE_BYTES = 32 * 2**20  # an encoded image file / cell
+MAX_IMAGE_PIXELS = 8192 * 8192  # checked from the header, before decoding
+MAX_CAPTION_BYTES = 64 * 2**10  # a .txt caption, a caption cell, a metadata line
+MAX_JSON_BYTES = 1 * 2**20  # a webdataset .json member (captions plus other fields)
+
+
+class MemberTooLarge(ValueError):
+    """A training member over its cap (a bad sample, never decoded)."""
+
+
+def check_caption(text: str) -> str:
+    """``text`` when it is within MAX_CAPTION_BYTES of UTF-8, else MemberTooLarge."""
+    if len(text) > MAX_CAPTION_BYTES or len(text.encode("utf-8", "replace")) > MAX_CAPTION_BYTES:
+        raise MemberTooLarge(f"caption over {MAX_CAPTION_BYTES:,} bytes")
+    return text
+
 
 @dataclass
 class Batch:
@@ -65,6 +84,9 @@ class DataOptions:
 def prepare_image(img: Image.Image, res: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """RGB, shorter side resized to ``res``, center crop: ([3,res,res] in [-1,1],
     original (h, w), crop (top, left) in the resized image) - SDXL's size conditioning."""
+    if img.width * img.height > MAX_IMAGE_PIXELS:  # the header's size: nothing decoded yet
+        raise MemberTooLarge(f"image of {img.width} x {img.height} pixels; at most "
+                             f"{MAX_IMAGE_PIXELS:,} are decoded")
     img = img.convert("RGB")
     original = (img.height, img.width)
     scale = res / min(img.size)

@@ -49,7 +49,15 @@ def new_run_dir(runs_root: str | Path, cfg: StageConfig, index: int | None = Non
     while path.exists():
         n += 1
         path = root / f"{base}-{n}"
-    return path
+    return inside(root, path)
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` resolved, refused (ValueError) unless it is a folder directly in ``root``."""
+    root, resolved = Path(root).resolve(), Path(path).resolve()
+    if resolved.parent != root:
+        raise ValueError(f"run folder {Path(path).name!r} would be outside the runs folder")
+    return resolved
 
 
 def create_chain(stages: list[StageConfig], runs_root: str | Path) -> list[Run]:

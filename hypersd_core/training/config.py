@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from hypersd_core import safe_yaml
 from hypersd_core.paths import PRESETS
+
+RUN_NAME = re.compile(r"(?!\.)[A-Za-z0-9_.-]{1,64}")  # a run folder's label: never a path
 
 STAGES = ("tscd", "lcm", "tcd", "feedback", "dmd")
 PERCEPTUAL_BACKENDS = ("digits", "maskrcnn", "solo")
@@ -116,6 +120,9 @@ class StageConfig:
                 errors.append(msg)
 
         need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        need(not self.name or RUN_NAME.fullmatch(self.name) is not None,
+             f"name must be letters, digits, '-', '_' or '.' (at most 64, no path), "
+             f"got {self.name[:80]!r}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -272,7 +279,7 @@ def _coerce(key: str, value):
     origin = typing.get_origin(hint)
     try:
         if isinstance(value, str) and hint is not str:
-            value = yaml.safe_load(value)
+            value = safe_yaml.load(value, key)
         if hint is bool:
             if not isinstance(value, bool):
                 raise TypeError
@@ -354,7 +361,9 @@ def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file that must hold a mapping; errors are one line with the file and line."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text())
+        values = safe_yaml.load(path.read_text(), str(path))
+    except safe_yaml.YAMLBoundsError:
+        raise
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -26,8 +26,11 @@ from PIL import Image
 
 from hypersd_core.models.backbone import Backbone
 from hypersd_core.training.batch import (  # noqa: F401  (re-exported: Batch, DataOptions, ...)
+    MAX_CAPTION_BYTES,
+    MAX_IMAGE_BYTES,
     Batch,
     DataOptions,
+    MemberTooLarge,
     Sample,
     encode_batch,
     prepare_image,
@@ -77,31 +80,38 @@ class DigitsData:
 
 
 class FolderData:
-    """Images + captions from a folder with metadata.jsonl, resized to the model's size."""
+    """Images + captions from a folder with metadata.jsonl, resized to the model's size.
+
+    Every ``file_name`` must stay inside the folder once resolved; an unreadable, missing,
+    outside or oversized image is skipped and counted in ``skipped`` (metrics: data_skipped).
+    """
 
     def __init__(self, backbone: Backbone, folder: str | Path):
         self.backbone = backbone
         self.folder = Path(folder)
+        self.root = self.folder.resolve()
+        self.skipped = 0  # unreadable images, counted (metrics: data_skipped)
         meta = self.folder / "metadata.jsonl"
         if not meta.is_file():
             raise FileNotFoundError(
-                f"{self.folder} has no metadata.jsonl (one JSON line per image: "
+                f"{self.folder.name} has no metadata.jsonl (one JSON line per image: "
                 '{"file_name": "0001.png", "text": "a caption"})')
-        self.items = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+        self.items = read_metadata(meta)
         if not self.items:
-            raise ValueError(f"{meta} lists no images")
+            raise ValueError(f"{self.folder.name}/metadata.jsonl lists no images")
 
     def __len__(self) -> int:
         return len(self.items)
 
-        self.skipped = 0  # unreadable images, counted (metrics: data_skipped)
-
     def _load(self, item: dict):
         """(image, original size, crop) or None for an unreadable image."""
         try:
-            with Image.open(self.folder / item["file_name"]) as img:
+            path = inside_folder(self.root, item["file_name"])
+            if path.stat().st_size > MAX_IMAGE_BYTES:
+                raise MemberTooLarge(f"{item['file_name']} is over {MAX_IMAGE_BYTES:,} bytes")
+            with Image.open(path) as img:
                 return prepare_image(img, self.backbone.resolution)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError):
             self.skipped += 1
             return None
 
@@ -113,7 +123,7 @@ class FolderData:
             if len(got) == batch_size:
                 break
         else:
-            raise ValueError(f"{self.folder}: no readable images in {self.skipped} tries")
+            raise ValueError(f"{self.folder.name}: no readable images in {self.skipped} tries")
         return encode_batch(self.backbone, torch.stack([x[0] for _, x in got]),
                             [p for p, _ in got], [x[1] for _, x in got], [x[2] for _, x in got])
 
@@ -123,6 +133,39 @@ class FolderData:
         for item in self.items[rank::world]:
             if (x := self._load(item)) is not None:
                 yield Sample(x[0], item["text"], x[1], x[2], {})
+
+
+def inside_folder(root: Path, name) -> Path:
+    """``root / name`` resolved; ValueError unless it stays inside ``root`` (no ``..``,
+    no absolute path, no symlink out)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"file_name must be a non-empty string, got {name!r}")
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"file_name {name!r} points outside the data folder")
+    return path
+
+
+def read_metadata(meta: Path) -> list[dict]:
+    """The lines of a metadata.jsonl; a malformed line is one error naming the file and line."""
+    items = []
+    where = f"{meta.parent.name}/{meta.name}"
+    with open(meta, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if len(line) > MAX_CAPTION_BYTES + 1024:
+                raise ValueError(f"{where} line {number}: over {MAX_CAPTION_BYTES:,} bytes")
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("file_name"), str) \
+                    or not isinstance(item.get("text"), str):
+                raise ValueError(f"{where} line {number}: expected "
+                                 '{"file_name": "...", "text": "..."}')
+            items.append(item)
+    return items
 
 
 def make_data(backbone: Backbone, source: str, options: DataOptions | None = None):

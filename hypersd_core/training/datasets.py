@@ -29,27 +29,51 @@ import torch
 from PIL import Image
 
 from hypersd_core.models.backbone import Backbone
-from hypersd_core.training.batch import Batch, DataOptions, Sample, encode_batch, prepare_image
+from hypersd_core.training.batch import (
+    MAX_CAPTION_BYTES,
+    MAX_IMAGE_BYTES,
+    MAX_JSON_BYTES,
+    Batch,
+    DataOptions,
+    MemberTooLarge,
+    Sample,
+    check_caption,
+    encode_batch,
+    prepare_image,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_BAD_IN_A_ROW = 1000
+OVERSIZED = object()  # stands for a member over its cap: skipped, never read or decoded
 
 
 class DataSourceError(ValueError):
     """A data setting that names nothing readable."""
 
 
-def _decode(value, res: int):
-    """An image cell (PIL image, {'bytes','path'} dict, bytes or a path) -> prepared image."""
+def _decode(value, res: int, root: Path | None = None):
+    """An image cell (PIL image, {'bytes','path'} dict, bytes or a path) -> prepared image.
+
+    Encoded bytes over MAX_IMAGE_BYTES are refused undecoded; a path must resolve inside
+    ``root`` (the dataset's own folder; None: no path is read)."""
     if isinstance(value, Image.Image):
         return prepare_image(value, res)
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
+        if len(value) > MAX_IMAGE_BYTES:
+            raise MemberTooLarge(f"image cell over {MAX_IMAGE_BYTES:,} bytes")
         with Image.open(io.BytesIO(value)) as img:
             return prepare_image(img, res)
     if isinstance(value, str):
-        with Image.open(value) as img:
+        if root is None:
+            raise ValueError("image path cells are read only for local datasets")
+        path = (root / value).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"image path {value!r} points outside the dataset's folder")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise MemberTooLarge(f"image file over {MAX_IMAGE_BYTES:,} bytes")
+        with Image.open(path) as img:
             return prepare_image(img, res)
     raise ValueError(f"unreadable image cell of type {type(value).__name__}")
 
@@ -59,7 +83,16 @@ def _caption(value) -> str:
         value = value[0]
     if not isinstance(value, str):
         raise ValueError(f"caption is {type(value).__name__}, not text")
-    return value
+    return check_caption(value)
+
+
+def data_root(source: str) -> Path | None:
+    """The folder a local dataset's path cells must stay in: the ``save_to_disk`` folder,
+    or the folder of the .parquet / .arrow files (None for a hub dataset)."""
+    if source.startswith("hf:"):
+        return None
+    path = Path(source).expanduser()
+    return (path if path.is_dir() else path.parent).resolve()
 
 
 class _Source:
@@ -67,6 +100,8 @@ class _Source:
 
     backbone: Backbone
     name: str
+
+    root: Path | None = None  # where image path cells may point (see data_root)
 
     def __init__(self):
         self.skipped = 0
@@ -76,7 +111,7 @@ class _Source:
         res, bad_run = self.backbone.resolution, 0
         for image, caption in raw_iter:
             try:
-                img, original, crop = _decode(image, res)
+                img, original, crop = _decode(image, res, self.root)
                 sample = Sample(img, _caption(caption), original, crop, {})
             except Exception:  # any undecodable image or caption: skip it, never crash
                 self.skipped += 1
@@ -102,6 +137,7 @@ class HFDataset(_Source):
     def __init__(self, backbone: Backbone, source: str, options: DataOptions):
         super().__init__()
         self.backbone, self.name, self.options = backbone, source, options
+        self.root = data_root(source)
         self.rank, self.world = options.process()
         ds = _load_dataset(source, options)
         columns = list(ds.features) if ds.features is not None else None
@@ -269,13 +305,20 @@ class WebDataset(_Source):
                         yield current, parts
                         parts = {}
                     current = key
-                    parts[ext] = tar.extractfile(member).read()
+                    cap = MAX_JSON_BYTES if ext == "json" else (
+                        MAX_CAPTION_BYTES if ext == "txt" else MAX_IMAGE_BYTES)
+                    if member.size > cap:  # the header's size: skipped without reading it
+                        parts[ext] = OVERSIZED
+                        continue
+                    parts[ext] = tar.extractfile(member).read(cap + 1)
         except (tarfile.TarError, OSError, EOFError):
             self.skipped += 1  # the damaged rest of this shard
         if current is not None:
             yield current, parts
 
     def _caption_of(self, parts: dict):
+        if any(parts.get(ext) is OVERSIZED for ext in ("txt", "json")):
+            return None  # an oversized caption member: a bad sample
         if "txt" in parts:
             return parts["txt"].decode("utf-8").strip()
         if "json" in parts:
@@ -291,6 +334,8 @@ class WebDataset(_Source):
             for _, parts in self._members(shard):
                 exts = [col] if col in parts else [e for e in IMAGE_EXTS if e in parts]
                 image = parts[exts[0]] if exts else None
+                if image is OVERSIZED:
+                    image = None  # never read: a bad sample, counted
                 try:
                     caption = self._caption_of(parts)
                 except (ValueError, UnicodeDecodeError):
