@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from hypersd_core.models.vae_precision import keep_vae_fp32, vae_precision
-from hypersd_core.paths import DIGITS_ADAPTERS, DIGITS_PIPELINE
+from hypersd_core.paths import DIGITS_ADAPTERS, DIGITS_PIPELINE, SCENES_ADAPTERS, SCENES_PIPELINE
 
-KINDS = ("digits", "sd15", "sdxl")
+KINDS = ("digits", "scenes", "sd15", "sdxl")
+WORLDS = {"digits": (DIGITS_PIPELINE, DIGITS_ADAPTERS, "build-digits"),
+          "scenes": (SCENES_PIPELINE, SCENES_ADAPTERS, "build-scenes")}
 
 
 def _quiet_libraries() -> None:
@@ -30,7 +32,7 @@ def _quiet_libraries() -> None:
     dlog.set_verbosity_error()
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
-DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 7.5, "digits": 2.0}
+DEFAULT_GUIDANCE = {"sd15": 7.5, "sdxl": 7.5, "digits": 2.0, "scenes": 3.0}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -56,12 +58,13 @@ def detect_kind(folder: str | Path) -> str:
 
 def _resolve(model: str) -> tuple[str, Path | None]:
     """(source, local folder or None for a hub id)."""
-    if model == "digits":
-        if not (DIGITS_PIPELINE / "model_index.json").is_file():
+    if model in WORLDS:
+        pipeline, _, command = WORLDS[model]
+        if not (pipeline / "model_index.json").is_file():
             raise ModelNotFoundError(
-                f"the digits world is missing from {DIGITS_PIPELINE}; "
-                "rebuild it with `python -m hypersd_core build-digits`")
-        return str(DIGITS_PIPELINE), DIGITS_PIPELINE
+                f"the {model} world is missing from assets/{model}/pipeline; "
+                f"build it with `python -m hypersd_core {command}`")
+        return str(pipeline), pipeline
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -263,7 +266,9 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     index = json.loads((Path(folder) / "model_index.json").read_text())
     guidance = index.get("_hypersd", {}).get("guidance_scale", DEFAULT_GUIDANCE[kind])
     adapters = {}
-    if kind == "digits" and DIGITS_ADAPTERS.is_dir():
-        adapters = {p.name: p for p in sorted(DIGITS_ADAPTERS.iterdir())
+    shipped = WORLDS[kind][1] if kind in WORLDS else None
+    if shipped is not None and shipped.is_dir() and \
+            Path(folder).resolve() == WORLDS[kind][0].resolve():
+        adapters = {p.name: p for p in sorted(shipped.iterdir())
                     if (p / "pytorch_lora_weights.safetensors").is_file()}
     return Backbone(kind, source, pipe, float(guidance), adapters)

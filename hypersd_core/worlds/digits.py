@@ -7,7 +7,6 @@ A fixed, seeded split keeps 20% of the digits held out; no model ever trains on 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -149,47 +148,14 @@ class DigitsDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- tokenizer
 
-SPECIAL_BOS, SPECIAL_EOS = "<|startoftext|>", "<|endoftext|>"
+from hypersd_core.worlds.tokenizer import SPECIAL_BOS, SPECIAL_EOS  # noqa: E402,F401
+
 MAX_TOKENS = 16
 _WORDS = ["a", "an", "the", "of", "in", "handwritten", "digit", "number", "written", *COLOURS]
 
 
 def write_tokenizer(folder: str | Path) -> None:
-    """Write a CLIPTokenizer (vocab.json + merges.txt) for the digits vocabulary.
+    """Write a CLIPTokenizer (vocab.json + merges.txt) for the digits vocabulary."""
+    from hypersd_core.worlds.tokenizer import write_clip_tokenizer
 
-    Single characters are always in the vocabulary, so any lower-case ASCII prompt
-    tokenizes; the caption words are merged into whole-word tokens.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = [chr(c) for c in range(33, 127)]
-    vocab: list[str] = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in _WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-                vocab.append(merged)
-            pieces = [merged] + pieces[2:]
-    vocab += [SPECIAL_BOS, SPECIAL_EOS]
-    vocab = list(dict.fromkeys(vocab))
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": SPECIAL_BOS, "eos_token": SPECIAL_EOS,
-                    "unk_token": SPECIAL_EOS, "pad_token": SPECIAL_EOS})
-    )
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": MAX_TOKENS,
-            "bos_token": SPECIAL_BOS,
-            "eos_token": SPECIAL_EOS,
-            "unk_token": SPECIAL_EOS,
-            "pad_token": SPECIAL_EOS,
-            "do_lower_case": True,
-        })
-    )
+    write_clip_tokenizer(folder, _WORDS, MAX_TOKENS)

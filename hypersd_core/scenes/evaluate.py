@@ -1,0 +1,300 @@
+"""Evaluation of the scenes world: GenEval in miniature plus distribution distances.
+
+Per image, from the prompt's ground truth and the detector's reading of the 2x2 cells
+(``evalnets.GridDetector``, trained on a split disjoint from training and rewards):
+
+- per-object accuracy of class, colour, size (where the prompt names one) and position
+  (the side of the grid a relation puts the object on), each prompted object matched to
+  the detected object that agrees with it best;
+- relation accuracy (both objects found and on the right sides), count accuracy (exactly
+  n objects of the prompted class and colour, nothing else), and all-correct.
+
+Per row, against real renders of the ``reference`` split: FD and KID in three spaces (the
+detector's features, fixed random conv features, 8x8 pixels), and precision / recall
+(Kynkaanniemi et al. 2019) in the detector space. Intervals resample whole generator
+sources (layout and style), never single images; the real-vs-real floor splits by source.
+
+``python -m hypersd_core.scenes.evaluate --rows teacher:25,teacher:4 --num-images 2000``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hypersd_core.evaluation import distribution as dist
+from hypersd_core.paths import SCENES_EVAL
+from hypersd_core.scenes.evalnets import EMPTY, EvalNets
+from hypersd_core.worlds import scenes as world
+
+SPACES = ("detector", "random", "pixels")
+ACC_KEYS = ("class_acc", "colour_acc", "size_acc", "position_acc", "relation_acc",
+            "count_acc", "all_correct")
+
+
+def _object_scores(want: world.SceneObject, size_given: bool, side: tuple | None,
+                   cell: int, read: dict, i: int) -> dict[str, float]:
+    r, c = divmod(cell, 2)
+    s = {"class": float(read["cls"][i, cell] == world.CLASSES.index(want.cls)),
+         "colour": float(read["colour"][i, cell] == world.COLOUR_NAMES.index(want.colour))}
+    if size_given:
+        s["size"] = float(read["size"][i, cell] == world.SIZE_NAMES.index(want.size))
+    if side is not None:
+        axis, value = side
+        s["position"] = float((c if axis == "col" else r) == value)
+    return s
+
+
+def _sides(scene: world.Scene) -> list[tuple | None]:
+    """Where a relation puts each object: ("col", 0) = left half, ("row", 0) = top half."""
+    return {"left of": [("col", 0), ("col", 1)], "right of": [("col", 1), ("col", 0)],
+            "above": [("row", 0), ("row", 1)], "below": [("row", 1), ("row", 0)]
+            }.get(scene.relation, [None] * len(scene.objects))
+
+
+def score_image(scene: world.Scene, read: dict, i: int) -> dict[str, float]:
+    """GenEval-style scores of image i of ``read`` (detector output) against ``scene``."""
+    present = [c for c in range(4) if read["cls"][i, c] != EMPTY]
+    wants = scene.objects
+    given = (scene.size_given * len(wants))[:len(wants)] if scene.template == "count" \
+        else scene.size_given
+    sides = _sides(scene)
+    best, best_total = None, -1.0
+    # every injective assignment of prompted objects to detected cells (None: not found)
+    options = present + [None] * len(wants)
+    for perm in set(itertools.permutations(options, len(wants))):
+        if any(a is not None and perm.count(a) > 1 for a in perm):
+            continue
+        per = [_object_scores(w, g, sd, cell, read, i) if cell is not None else None
+               for w, g, sd, cell in zip(wants, given, sides, perm)]
+        total = sum(sum(p.values()) for p in per if p)
+        if total > best_total:
+            best, best_total = per, total
+    res: dict[str, float] = {}
+    for key, name in (("class", "class_acc"), ("colour", "colour_acc"), ("size", "size_acc"),
+                      ("position", "position_acc")):
+        vals = [(p.get(key) if p else 0.0) for p, g, sd in zip(best, given, sides)
+                if (key != "size" or g) and (key != "position" or sd is not None)]
+        res[name] = float(np.mean(vals)) if vals else float("nan")
+    objects_ok = all(p and all(v == 1.0 for v in p.values()) for p in best)
+    if scene.template == "relation":
+        res["relation_acc"] = float(all(p and p["class"] and p["colour"] and p["position"]
+                                        for p in best))
+        res["count_acc"] = float("nan")
+        extra_ok = len(present) == 2
+    else:
+        match = sum(1 for c in present
+                    if read["cls"][i, c] == world.CLASSES.index(wants[0].cls)
+                    and read["colour"][i, c] == world.COLOUR_NAMES.index(wants[0].colour))
+        res["count_acc"] = float(match == len(wants) and len(present) == len(wants))
+        res["relation_acc"] = float("nan")
+        extra_ok = len(present) == len(wants)
+    res["all_correct"] = float(objects_ok and extra_ok)
+    res["n_detected"] = float(len(present))
+    return res
+
+
+def score_images(items: list[world.Scene], read: dict) -> dict[str, np.ndarray]:
+    rows = [score_image(s, read, i) for i, s in enumerate(items)]
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+# ---------------------------------------------------------------- generation and caching
+
+def parse_row(spec: str) -> dict:
+    """"method:steps[:adapter]" -> row; e.g. "teacher:25", "lcm:4:runs/x/final"."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise ValueError(f"a row is METHOD:STEPS[:ADAPTER] with STEPS >= 1, got {spec!r}")
+    return {"method": parts[0], "steps": int(parts[1]),
+            "adapter": parts[2] if len(parts) == 3 else None,
+            "label": f"{parts[0]}@{parts[1]}" + (f" ({Path(parts[2]).name})" if len(parts) == 3
+                                                 else "")}
+
+
+def _images_tensor(pil_images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in pil_images])
+    return world.to_model(torch.from_numpy(arr).permute(0, 3, 1, 2))
+
+
+def reference(nets: EvalNets, n: int, cache: Path) -> dict:
+    """Features and sources of ``n`` real renders of the ``reference`` split (cached)."""
+    path = cache / f"reference-{n}.npz"
+    if path.is_file():
+        return dict(np.load(path, allow_pickle=False))
+    items = world.scenes("reference", n)
+    read = nets.read(world.to_model(world.render_many(items)))
+    out = {f"f_{s}": read[f"f_{s}"] for s in SPACES}
+    out["source"] = np.array([s.source for s in items])
+    np.savez(path, **out)
+    return out
+
+
+def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
+                 cache: Path, batch: int = 50, guidance: float | None = None) -> dict:
+    """Generate (or load from cache) a row's images for ``items``; return its arrays."""
+    key = row["label"].replace("/", "_").replace(" ", "").replace("@", "-")
+    path = cache / f"row-{key}-{len(items)}.npz"
+    if path.is_file():
+        return dict(np.load(path, allow_pickle=False))
+    t0 = time.perf_counter()
+    chunks = []
+    for i in range(0, len(items), batch):
+        part = items[i:i + batch]
+        gen = sampler.generate(row["method"], row["steps"], [s.prompt for s in part],
+                               [s.seed for s in part], adapter=row["adapter"],
+                               guidance=guidance)
+        chunks.append(_images_tensor(gen.images))
+    images = torch.cat(chunks)
+    read = nets.read(images)
+    out = {**{k: v for k, v in read.items()}, **score_images(items, read),
+           "source": np.array([s.source for s in items]),
+           "seconds": np.array(time.perf_counter() - t0)}
+    np.savez(path, **out)
+    preview = cache / f"row-{key}.png"
+    _save_grid(images[:16], preview)
+    return out
+
+
+def _save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rows = -(-len(x) // cols)
+    grid = np.zeros((rows * x.shape[1], cols * x.shape[2], 3), np.uint8)
+    for k, im in enumerate(x):
+        r, c = divmod(k, cols)
+        grid[r * x.shape[1]:(r + 1) * x.shape[1], c * x.shape[2]:(c + 1) * x.shape[2]] = im
+    Image.fromarray(grid).save(path)
+
+
+# ---------------------------------------------------------------- summaries
+
+def summarize(arr: dict, ref: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Point values and 95% cluster-bootstrap intervals of every measure of one row."""
+    rng = np.random.default_rng(seed)
+    src, ref_src = arr["source"], ref["source"]
+    res: dict = {}
+    for k in ACC_KEYS:
+        res[k] = float(np.nanmean(arr[k]) * 100)
+    for s in SPACES:
+        res[f"fd_{s}"] = dist.fd(arr[f"f_{s}"], ref[f"f_{s}"])
+        res[f"kid_{s}"] = dist.kid(arr[f"f_{s}"], ref[f"f_{s}"]) * 1000
+    p, r = dist.precision_recall(ref["f_detector"][:2000], arr["f_detector"][:2000])
+    res["precision"], res["recall"] = p * 100, r * 100
+    boots: dict[str, list] = {k: [] for k in [*ACC_KEYS, *(f"fd_{s}" for s in SPACES)]}
+    for _ in range(n_boot):
+        gi, ri = dist.cluster_draw(src, rng), dist.cluster_draw(ref_src, rng)
+        for k in ACC_KEYS:
+            boots[k].append(np.nanmean(arr[k][gi]) * 100)
+        for s in SPACES:
+            boots[f"fd_{s}"].append(dist.fd(arr[f"f_{s}"][gi], ref[f"f_{s}"][ri]))
+    for k, v in boots.items():
+        res[f"{k}_ci"] = dist.percentile_interval(v)
+    return res
+
+
+def floor(ref: dict, n_splits: int = 200, seed: int = 0) -> dict:
+    """Real-vs-real FD per space, the reference split in two halves by source cluster."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(ref["source"])
+    vals: dict[str, list] = {s: [] for s in SPACES}
+    for _ in range(n_splits):
+        half = set(rng.permutation(ids)[:len(ids) // 2])
+        a = np.array([s in half for s in ref["source"]])
+        for s in SPACES:
+            vals[s].append(dist.fd(ref[f"f_{s}"][a], ref[f"f_{s}"][~a]))
+    return {f"fd_{s}": float(np.median(v)) for s, v in vals.items()} | \
+        {f"fd_{s}_ci": dist.percentile_interval(v) for s, v in vals.items()}
+
+
+def paired_difference(a: dict, b: dict, ref: dict, key: str, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[float, list[float]]:
+    """key(a) - key(b) with a paired cluster-bootstrap interval (same prompts, seeds)."""
+    rng = np.random.default_rng(seed)
+
+    def value(arr, gi, ri):
+        if key.startswith("fd_"):
+            s = key[3:]
+            return dist.fd(arr[f"f_{s}"][gi], ref[f"f_{s}"][ri])
+        return np.nanmean(arr[key][gi]) * 100
+
+    full, rfull = np.arange(len(a["source"])), np.arange(len(ref["source"]))
+    point = value(a, full, rfull) - value(b, full, rfull)
+    diffs = []
+    for _ in range(n_boot):
+        gi, ri = dist.cluster_draw(a["source"], rng), dist.cluster_draw(ref["source"], rng)
+        diffs.append(value(a, gi, ri) - value(b, gi, ri))
+    return float(point), dist.percentile_interval(diffs)
+
+
+def markdown(summaries: dict[str, dict], fl: dict) -> str:
+    head = ("| row | class | colour | size | position | relation | count | all-correct | "
+            "FD det | FD rand | FD pix | KID det x1e3 | prec | rec |")
+    lines = [head, "|" + "---|" * 14]
+
+    def ci(s, k, fmt="{:.1f}"):
+        lo, hi = s[f"{k}_ci"]
+        return f"{fmt.format(s[k])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+    for label, s in summaries.items():
+        lines.append("| " + " | ".join([label, *(ci(s, k) for k in ACC_KEYS),
+                                        *(ci(s, f"fd_{sp}", "{:.2f}") for sp in SPACES),
+                                        f"{s['kid_detector']:.2f}", f"{s['precision']:.0f}",
+                                        f"{s['recall']:.0f}"]) + " |")
+    lines.append("| real vs real (split by source) | | | | | | | | " + " | ".join(
+        f"{fl[f'fd_{sp}']:.2f} [{fl[f'fd_{sp}_ci'][0]:.2f}, {fl[f'fd_{sp}_ci'][1]:.2f}]"
+        for sp in SPACES) + " | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hypersd_core.scenes.evaluate",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="scenes")
+    p.add_argument("--rows", default="teacher:1,teacher:2,teacher:4,teacher:8,teacher:25",
+                   help="comma-separated METHOD:STEPS[:ADAPTER]")
+    p.add_argument("--num-images", type=int, default=2000)
+    p.add_argument("--reference-images", type=int, default=4000)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--eval-nets", default=str(SCENES_EVAL))
+    p.add_argument("--split", default="eval", choices=["eval", "tune"])
+    p.add_argument("--out", default="results/scenes")
+    args = p.parse_args(argv)
+    if args.num_images < 2 or args.reference_images < 4:
+        raise SystemExit("--num-images must be >= 2 and --reference-images >= 4")
+    rows = [parse_row(r.strip()) for r in args.rows.split(",") if r.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    nets = EvalNets(args.eval_nets)
+    ref = reference(nets, args.reference_images, out)
+    items = world.scenes(args.split, args.num_images)
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.models.sampling import Sampler
+
+    sampler = Sampler(load_backbone(args.model))
+    arrays = {}
+    for row in rows:
+        arrays[row["label"]] = generate_row(sampler, nets, row, items, out)
+        print(f"{row['label']}: all-correct {np.nanmean(arrays[row['label']]['all_correct']):.3f}",
+              flush=True)
+    summaries = {k: summarize(v, ref, args.bootstrap) for k, v in arrays.items()}
+    fl = floor(ref)
+    table = markdown(summaries, fl)
+    (out / "scenes_eval.json").write_text(json.dumps(
+        {"rows": summaries, "floor": fl, "num_images": args.num_images,
+         "reference_images": args.reference_images, "bootstrap": args.bootstrap,
+         "seconds": {k: float(v["seconds"]) for k, v in arrays.items()}}, indent=1))
+    (out / "scenes_eval.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
