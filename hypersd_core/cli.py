@@ -43,7 +43,7 @@ def _output_dir(path: str, flag: str) -> Path:
 
 
 MAX_SAMPLE_STEPS = 1000  # the models' training schedule has T = 1000 timesteps
-SAMPLE_BATCH = {"digits": 64, "sd15": 4, "sdxl": 2}  # default images per pipeline call
+SAMPLE_BATCH = {"digits": 64, "scenes": 32, "sd15": 4, "sdxl": 2}  # default images per pipeline call
 
 
 def _int_list(text: str) -> list[int]:
@@ -205,6 +205,10 @@ def cmd_evaluate_extra(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.model == "scenes":
+        from hypersd_core.scenes.evaluate import main_from_cli
+
+        return main_from_cli(args)
     from hypersd_core.digits.evaluate import main_evaluate
 
     return main_evaluate(args)
@@ -268,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="generate images with a method's recipe")
-    p.add_argument("--model", default="digits", help="'digits', a diffusers folder or a hub id")
-    p.add_argument("--kind", choices=["digits", "sd15", "sdxl"], help="override the detected kind")
+    p.add_argument("--model", default="digits",
+                   help="'digits', 'scenes', a diffusers folder or a hub id")
+    p.add_argument("--kind", choices=["digits", "scenes", "sd15", "sdxl"],
+                   help="override the detected kind")
     p.add_argument("--method", default="hypersd",
                    help="teacher, lcm, tcd, hypersd, hypersd-unified, hypersd-unet")
     p.add_argument("--steps", type=_positive_int, default=4)
@@ -302,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print a run's status.json")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_status)
+
+    from hypersd_core import cli_worlds
+
+    cli_worlds.add_commands(sub)
 
     p = sub.add_parser("build-digits", help="train the digits world from scratch (CPU)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "assets" / "digits"))

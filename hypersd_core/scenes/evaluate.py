@@ -296,5 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main_from_cli(args) -> int:
+    """``python -m hypersd_core evaluate --model scenes``: methods x steps (+ teacher row)."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    steps = [s.strip() for s in str(args.steps).split(",") if s.strip()]
+    rows = [f"{m}:{s}" for m in methods for s in steps]
+    if args.teacher_steps:
+        rows.append(f"teacher:{args.teacher_steps}")
+    out = args.out if not str(args.out).endswith(".json") else str(Path(args.out).parent)
+    return main(["--rows", ",".join(rows), "--num-images", str(args.num_images), "--out", out])
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -176,6 +176,10 @@ def make_data(backbone: Backbone, source: str, options: DataOptions | None = Non
             raise ValueError("data='digits' needs the digits model; give a dataset folder "
                              f"for {backbone.kind}")
         return DigitsData(backbone)
+    if source == "scenes":
+        from hypersd_core.training.scenes_data import ScenesData
+
+        return ScenesData(backbone)
     from hypersd_core.training import cache, datasets
 
     path = Path(source).expanduser()

@@ -160,7 +160,7 @@ def sample_scene(seed: int) -> Scene:
                       size_given=given, style=style, seed=seed)
     else:
         n = int(rng.integers(2, 4))
-        cells = [(i // 2, i % 2) for i in sorted(rng.choice(4, n, replace=False))]
+        cells = [(int(i) // 2, int(i) % 2) for i in sorted(rng.choice(4, n, replace=False))]
         first = obj(cells[0])
         objs = [SceneObject(first.cls, first.colour, first.size, c) for c in cells]
         given = bool(rng.random() < P_SIZE_WORD)
