@@ -137,7 +137,7 @@ def train_eval_nets(out: str | Path, n_images: int, steps: int, seed: int = 0,
     save_file({k: v.contiguous() for k, v in net.state_dict().items()},
               out / "detector.safetensors")
     save_file(RandomFeatureNet().state_dict(), out / "random_features.safetensors")
-    test = world.scenes("test", 1000)
+    test = world.scenes("test", min(1000, n_images))
     with torch.no_grad():
         acc = detector_accuracy(net, world.to_model(world.render_many(test)), test)
     (out / "detector.json").write_text(json.dumps({
