@@ -88,11 +88,12 @@ def img_tag(image: Image.Image, alt: str, width: int | None = None) -> str:
 def small_model(model: str) -> bool:
     """True when the model makes digits-sized images (the digits world, or a pipeline
     folder marked as the digits kind); SD1.5 / SDXL are not enlarged."""
-    if model == "digits":
+    if model in ("digits", "scenes"):
         return True
     index = Path(model) / "model_index.json"
     try:
-        return json.loads(index.read_text()).get("_hypersd", {}).get("kind") == "digits"
+        return json.loads(index.read_text()).get("_hypersd", {}).get("kind") in ("digits",
+                                                                                 "scenes")
     except (OSError, ValueError, AttributeError):
         return False
 

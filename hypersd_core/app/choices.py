@@ -18,7 +18,11 @@ def model_choices(settings: AppSettings) -> list[str]:
     SDXL single-file checkpoints (``.safetensors``, kind read from the keys) under models_dir."""
     from hypersd_core.models.single_file import NotACheckpointError, detect_single_file_kind
 
+    from hypersd_core.paths import SCENES_PIPELINE
+
     found = ["digits"]
+    if (SCENES_PIPELINE / "model_index.json").is_file():
+        found.append("scenes")  # the second world, once built
     from hypersd_core.digits.style import STYLE_PIPELINE  # the shipped style backbone
 
     if (STYLE_PIPELINE / "model_index.json").is_file():
@@ -49,7 +53,9 @@ def lora_files(folder: Path) -> list[Path]:
 
 def data_choices(settings: AppSettings) -> list[str]:
     """Training data sources: 'digits' plus folders with metadata.jsonl under data_dir."""
-    found = ["digits"]
+    from hypersd_core.paths import SCENES_PIPELINE
+
+    found = ["digits"] + (["scenes"] if (SCENES_PIPELINE / "model_index.json").is_file() else [])
     if settings.data_dir.is_dir():
         found += [str(p) for p in sorted(settings.data_dir.iterdir())
                   if (p / "metadata.jsonl").is_file()]

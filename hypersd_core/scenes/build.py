@@ -42,10 +42,12 @@ PHASES = ("data", "vae", "text_encoder", "unet", "pipeline", "eval")
 @dataclass
 class SceneBuildConfig:
     n_train: int = 30_000
-    vae_steps: int = 600
+    vae_steps: int = 1100
+    vae_fg_weight: float = 4.0  # extra weight of object pixels (colour fidelity of small objects)
+    vae_fg_from: int = 600  # ... from this step on
     vae_batch: int = 16
     text_steps: int = 1500
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
@@ -181,12 +183,19 @@ def train_vae(work: Path, images_u8: torch.Tensor, cfg: SceneBuildConfig):
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = _warmup_cosine(opt, cfg.vae_steps, warm=50)
 
-    def step(_, g):
+    background = world.to_model(torch.tensor(world.BACKGROUND, dtype=torch.uint8)).view(1, 3, 1, 1)
+
+    def step(i, g):
         x = world.to_model(images_u8[torch.randint(0, len(images_u8), (cfg.vae_batch,),
                                                    generator=g)])
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample(generator=g)).sample
-        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        weight = torch.ones_like(x[:, :1])
+        if i >= cfg.vae_fg_from:  # objects are ~15% of pixels: their colour errors weigh more
+            weight = weight + cfg.vae_fg_weight * ((x - background).abs().amax(1, keepdim=True)
+                                                   > 0.1).float()
+        err = recon - x
+        rec = (weight * err.pow(2)).mean() + 0.5 * (weight * err.abs()).mean()
         kl = post.kl().mean() / post.mean[0].numel()
         opt.zero_grad(set_to_none=True)
         (rec + 1e-4 * kl).backward()
