@@ -17,7 +17,6 @@ def model_choices(settings: AppSettings) -> list[str]:
     """Models the user has: digits, the configured one, and pipeline folders and SD1.5 /
     SDXL single-file checkpoints (``.safetensors``, kind read from the keys) under models_dir."""
     from hypersd_core.models.single_file import NotACheckpointError, detect_single_file_kind
-
     from hypersd_core.paths import SCENES_PIPELINE
 
     found = ["digits"]
