@@ -112,6 +112,15 @@ def availability(name: str) -> Availability:
         if name in FILES and path.is_file():
             return Availability(name, True, kwargs={"path": path})
         return Availability(name, False, f"needs {path} (shipped with the digits world)")
+    if name.startswith("scenes-"):
+        from hypersd_core.rewards.scenes import FILES as SCENE_FILES
+        from hypersd_core.rewards.scenes import REWARDS_DIR as SCENE_DIR
+
+        path = SCENE_DIR / SCENE_FILES.get(name, "")
+        if name in SCENE_FILES and path.is_file():
+            return Availability(name, True, kwargs={"path": path})
+        return Availability(name, False, "needs assets/scenes/rewards (python -m "
+                                         "hypersd_core.rewards.scenes_train)")
     needs = _needs().get(name)
     if needs is None:  # no weights of its own to look for (e.g. perception's own loader)
         return Availability(name, True)

@@ -247,6 +247,8 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "digits-quality": _factory("digits", "make_digits_quality"),
     "digits-alignment": _factory("digits", "make_digits_alignment"),
     "digits-perception": _factory("digits", "make_digits_perception"),
+    "scenes-quality": _factory("scenes", "make_scenes_quality"),
+    "scenes-alignment": _factory("scenes", "make_scenes_alignment"),
 }
 
 
