@@ -23,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from compare_tab import build_compare_tab, build_generate_tab, build_study_tab
+from compare_tab.compare import row_choices
 from compare_tab.study import study_middleware
 from compare_tab.study_results import build_study_results_tab
 from hypersd_core.app.choices import default_rewards
@@ -52,7 +53,7 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
             with gr.Tab("Generate", id="generate"):
                 build_generate_tab(settings, service)
             with gr.Tab("Compare", id="compare"):
-                build_compare_tab(settings, service)
+                compare = build_compare_tab(settings, service)
             with gr.Tab("Train & Monitor", id="train"):
                 train = build_train_tab(settings)
             with gr.Tab("Rewards", id="rewards"):
@@ -76,6 +77,21 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
                                value=train_ctl.default_run(settings) or None)
 
         demo.load(reattach, None, train.run, api_visibility="private")
+
+        def compare_this_run(run_id: str | None):
+            """Open the Compare grid with the run as a row beside the methods."""
+            if not run_id:
+                raise gr.Error("choose a run first")
+            key, choices = f"run:{run_id}", row_choices(settings)
+            if key not in [k for _, k in choices]:
+                raise gr.Error(f"run {run_id} has no final adapter for this model yet: it can "
+                               "be compared once it has finished")
+            return (gr.Tabs(selected="compare"), gr.CheckboxGroup(choices=choices, value=[key]),
+                    gr.Timer(active=False))
+
+        compare.then_compare(train.compare_run.click(
+            compare_this_run, train.run, [tabs, compare.rows, train.timer],
+            api_visibility="private"))
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
     demo.hypersd = {"settings": settings, "service": service, "store": store}  # for tests
     return demo

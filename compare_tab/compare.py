@@ -8,17 +8,17 @@ Both are public API endpoints: ``/generate`` and ``/compare``.
 from __future__ import annotations
 
 import html
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 from PIL import Image, ImageDraw
 
 from hypersd_core.app import limits
+from hypersd_core.app.arms import LORA_RECIPES, ArmError, arm_choices, resolve_arm
 from hypersd_core.app.choices import (
     default_rewards,
-    lora_files,
-    official_method,
     reward_choices,
     unavailable_text,
 )
@@ -35,6 +35,8 @@ from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
 from ui_common.display import enlarge, image_classes, img_tag
 
+from .exports import compare_files
+
 MAX_PROMPTS = 4
 ROW_LABELS = {"teacher": "teacher", "lcm": "LCM", "tcd": "TCD", "hypersd": "Hyper-SD N-step",
               "hypersd-unified": "Hyper-SD unified", "hypersd-unet": "Hyper-SD one-step UNet"}
@@ -50,8 +52,12 @@ def row_adapters(method: str, label: str) -> str:
     """What a row runs with: its adapters over the grid's step counts, or the base model."""
     if method == "teacher":
         return "base model, CFG"
-    if "[" in label:  # an official LoRA file row
-        return "LoRA file"
+    if "[shipped" in label:
+        return f"shipped adapter, {method} recipe"
+    if " steps, " in label:  # a finished run: "<run> [<stage>, <n> steps, <recipe>]"
+        return f"your run's final adapter, {method} recipe"
+    if "[" in label:  # a LoRA file or UNet row
+        return f"file from the LoRA folder, {method} recipe"
     names = dict.fromkeys(default_adapter_name(method, n) for n in COMPARE_STEPS)
     names.pop(None, None)
     return "adapter " + " / ".join(names) if names else "no adapter"
@@ -93,20 +99,6 @@ def grid_html(cells: list[Cell], prompts: list[str]) -> str:
     return "".join(out)
 
 
-def lora_choices(settings: AppSettings) -> list[tuple[str, str]]:
-    """(file name relative to the LoRA folder, same) for every LoRA file the server has."""
-    root = settings.lora_dir
-    return [(str(p.relative_to(root)), str(p.relative_to(root))) for p in lora_files(root)]
-
-
-def resolve_lora(name: str, settings: AppSettings) -> Path:
-    """A LoRA file chosen from the server-built list (anything else is refused)."""
-    for p in lora_files(settings.lora_dir):
-        if str(p.relative_to(settings.lora_dir)) == name:
-            return p
-    raise gr.Error(f"{name!r} is not one of the LoRA files in the configured folder")
-
-
 def placeholder(size: int, text: str) -> Image.Image:
     """A grey tile standing for a cell that could not be generated."""
     tile = Image.new("RGB", (size, size), (200, 200, 200))
@@ -127,21 +119,26 @@ def cells_table(cells: list[Cell]) -> pd.DataFrame:
 
 
 def method_rows(loras: list[str] | None, settings: AppSettings,
-                service: ModelService | None = None) -> list[tuple[str, str | None, str]]:
+                service: ModelService | None = None,
+                recipe: str | None = None) -> list[tuple[str, str | None, str]]:
     """(recipe, adapter file, label) rows: the five methods, the one-step UNet when the
-    model has one, then each chosen LoRA file."""
+    model has one, then each chosen arm (hypersd_core/app/arms.py: a finished run, a
+    shipped adapter, a LoRA file or UNet; ``recipe`` for files whose recipe is unknown)."""
     rows = [(m, None, ROW_LABELS[m]) for m in COMPARE_METHODS]
     if service is not None and service.has_onestep_unet():
         rows.append(("hypersd-unet", None, ROW_LABELS["hypersd-unet"]))
-    for name in loras or []:
-        method, _ = official_method(resolve_lora(name, settings))
-        rows.append((method, str(resolve_lora(name, settings)), f"{Path(name).stem} [{method}]"))
+    for key in loras or []:
+        try:
+            arm = resolve_arm(key, settings, recipe or None)
+        except ArmError as err:
+            raise gr.Error(str(err)) from None
+        rows.append((arm.recipe, arm.adapter, arm.label))
     return rows
 
 
 def run_compare(service: ModelService, settings: AppSettings, prompts_text: str, seed: float,
                 loras: list[str] | None, rewards: list[str] | None, control_image=None,
-                control_scale: float = 1.0):
+                control_scale: float = 1.0, recipe: str | None = None):
     """Grid cells for up to MAX_PROMPTS prompts; returns (reference, gallery, table, summary, images)."""
     try:  # bounded before anything is generated (hypersd_core/app/limits.py)
         prompts = limits.prompt_lines(prompts_text, MAX_PROMPTS)
@@ -152,7 +149,7 @@ def run_compare(service: ModelService, settings: AppSettings, prompts_text: str,
         raise gr.Error("enter a prompt")
     try:
         cells, reward_errors, seconds = compare_grid(
-            service, prompts, seeds, method_rows(loras, settings, service), COMPARE_STEPS,
+            service, prompts, seeds, method_rows(loras, settings, service, recipe), COMPARE_STEPS,
             rewards or [], control_image=control_image, control_scale=control_scale)
     except FileNotFoundError as err:  # the base model itself is missing
         raise gr.Error(str(err)) from None
@@ -181,6 +178,12 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
         method = gr.Dropdown(list(RECIPES), value="hypersd", label="Method")
         steps = gr.Slider(1, 50, value=RECIPES["hypersd"].default_steps, step=1, label="Steps")
         seed = gr.Number(0, precision=0, label="Seed")
+    with gr.Row():
+        adapter = gr.Dropdown(adapter_choices(settings), value="", scale=4,
+                              label="Adapter: the method's own, a finished run, a shipped "
+                                    "adapter or a file from the LoRA folder",
+                              elem_id="generate-adapter")
+        refresh = gr.Button("Refresh list", scale=1)
     recipe_md = gr.Markdown(_recipe_text("hypersd", RECIPES["hypersd"].default_steps))
     go = gr.Button("Generate", variant="primary", elem_id="generate-button")
     with gr.Row():
@@ -190,8 +193,9 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
         info = gr.JSON(label="Details")
 
     @gpu
-    def generate(prompt: str, method: str, steps: float, seed: float):
-        """Generate one image: prompt, method (a recipe name), steps, seed -> (PNG, details)."""
+    def generate(prompt: str, method: str, steps: float, seed: float, adapter: str = ""):
+        """Generate one image: prompt, method (a recipe name), steps, seed, and an optional
+        adapter (an arm key: run:<id>, adapter:<name>, lora:<file>) -> (PNG, details)."""
         if not prompt or not prompt.strip():
             raise gr.Error("enter a prompt")
         if method not in RECIPES:
@@ -200,12 +204,21 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
             limits.check_prompt(prompt), limits.check_steps(steps), limits.check_seed(seed)
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        cell = service.generate(method, int(steps), [prompt.strip()], [int(seed or 0)])[0]
+        arm = None
+        if adapter:
+            try:  # the method is the recipe: it decides for files whose recipe is unknown
+                arm = resolve_arm(adapter, settings, method if method in LORA_RECIPES else None)
+            except ArmError as err:
+                raise gr.Error(str(err)) from None
+        cell = service.generate(method, int(steps), [prompt.strip()], [int(seed or 0)],
+                                adapter=arm.adapter if arm else None)[0]
         if cell.error:
             raise gr.Error(cell.error)
         details = {"method": method, "steps": int(steps), "seed": int(seed or 0),
-                   "adapter": default_adapter_name(method, int(steps)),
+                   "adapter": arm.label if arm else default_adapter_name(method, int(steps)),
                    "seconds": round(cell.seconds, 4), "model": service.model}
+        if arm is not None:
+            details["weights_sha256"] = arm.weights_hash()
         note = adapter_note(method, int(steps))
         if note:
             details["note"] = note
@@ -215,10 +228,31 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
         default = RECIPES[method_v].default_steps if method_v in RECIPES else int(steps_v)
         return gr.Slider(value=default), _recipe_text(method_v, default)
 
+    def on_adapter(key: str, method_v: str, steps_v: float):
+        """A chosen arm sets the recipe and the step count it was trained for."""
+        if not key:
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            arm = resolve_arm(key, settings, method_v if method_v in LORA_RECIPES else None)
+        except ArmError:  # unknown recipe: the user picks the method
+            return gr.skip(), gr.skip(), _recipe_text(method_v, steps_v)
+        n = arm.steps or RECIPES[arm.recipe].default_steps
+        return arm.recipe, gr.Slider(value=n), _recipe_text(arm.recipe, n)
+
     method.input(on_method, [method, steps], [steps, recipe_md], api_visibility="private")
+    adapter.input(on_adapter, [adapter, method, steps], [method, steps, recipe_md],
+                  api_visibility="private")
+    refresh.click(lambda: gr.Dropdown(choices=adapter_choices(settings)), None, adapter,
+                  api_visibility="private")
     steps.change(_recipe_text, [method, steps], recipe_md, api_visibility="private",
                  show_progress="hidden")
-    go.click(generate, [prompt, method, steps, seed], [image, info], api_name="generate", **GPU)
+    go.click(generate, [prompt, method, steps, seed, adapter], [image, info], api_name="generate",
+             **GPU)
+
+
+def adapter_choices(settings: AppSettings) -> list[tuple[str, str]]:
+    """The Generate tab's adapter picker: the method's own, then every arm with weights."""
+    return [("(the method's own adapter)", "")] + arm_choices(settings)
 
 
 def adapter_note(method: str, steps: int) -> str:
@@ -243,16 +277,37 @@ def _recipe_text(method: str, steps: float | None = None) -> str:
     return text + (f"  \n**Note:** {note}" if note else "")
 
 
-def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
+@dataclass
+class CompareTab:
+    """What the rest of the app wires to: the rows picker, and ``then_compare`` which runs
+    the grid after another event (Train & Monitor's "Compare this run")."""
+
+    rows: gr.CheckboxGroup
+    then_compare: Callable
+
+
+def row_choices(settings: AppSettings) -> list[tuple[str, str]]:
+    """Rows the grid can add: finished runs, shipped adapters, LoRA files and UNets."""
+    return arm_choices(settings)
+
+
+def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTab:
     """The methods x steps grid: the ``/compare`` endpoint, plus a slider for two cells."""
     with gr.Row():
         prompts = gr.Textbox("a red handwritten digit 7", lines=2, scale=3,
                              label=f"Prompt (or up to {MAX_PROMPTS}, one per line)")
         seed = gr.Number(0, precision=0, label="Seed")
     with gr.Row():
-        loras = gr.CheckboxGroup(lora_choices(settings), label=(
-            f"Official LoRA files to add as rows (from {settings.lora_dir.name}/ on the server)"))
-        rewards = gr.CheckboxGroup(reward_choices(), value=default_rewards(), label="Rewards")
+        with gr.Column(scale=3):
+            loras = gr.CheckboxGroup(row_choices(settings), elem_id="compare-rows", label=(
+                "Rows to add beside teacher / LCM / TCD / Hyper-SD: your finished runs, the "
+                f"shipped adapters, LoRA files and one-step UNets (from {settings.lora_dir.name}/)"))
+            with gr.Row():
+                recipe = gr.Dropdown(list(LORA_RECIPES), value="hypersd-unified", scale=3,
+                                     label="Recipe for LoRA files whose recipe is unknown")
+                refresh = gr.Button("Refresh rows", scale=1)
+        rewards = gr.CheckboxGroup(reward_choices(), value=default_rewards(), label="Rewards",
+                                   scale=2)
     with gr.Accordion("Rewards not offered here (weights not found)", open=False,
                       visible=bool(unavailable_text())):
         gr.Markdown(unavailable_text())
@@ -277,29 +332,51 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
         right = gr.Dropdown([], label="Slider: right cell")
     slider = gr.ImageSlider(label="Compare two cells", type="pil", format="png",
                             elem_classes=image_classes(service.model, fill=False))
+    with gr.Row():
+        csv_file = gr.DownloadButton("Download the table (CSV)", visible=False,
+                                     elem_id="compare-download-csv")
+        png_file = gr.DownloadButton("Download the grid (PNG)", visible=False,
+                                     elem_id="compare-download-png")
 
     @gpu
-    def compare(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str]):
-        """Methods x steps grid for a prompt and seed -> (reference, cells, table, summary)."""
+    def compare(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str],
+                recipe_v: str = ""):
+        """Methods x steps grid for a prompt and seed -> (reference, cells, table, summary).
+        ``loras_v``: extra rows (arm keys, or LoRA file names); ``recipe_v``: the recipe
+        of LoRA files whose recipe is unknown."""
         ref, cells, frame, text, imgs = run_compare(service, settings, prompts_text, seed,
-                                                    loras_v, rewards_v)
+                                                    loras_v, rewards_v, recipe=recipe_v)
         return ref, cells, frame, text, imgs
 
     def fill_pickers(imgs: dict):
         keys = [k for k in imgs if k != GRID_KEY]
         grid = imgs.get(GRID_KEY) or {}
+        files = (gr.DownloadButton(visible=False),) * 2
+        if grid.get("cells"):
+            csv, png = compare_files(grid["cells"], grid["prompts"], cells_table(grid["cells"]))
+            files = (gr.DownloadButton(value=str(csv), visible=True),
+                     gr.DownloadButton(value=str(png), visible=True))
         return (gr.Dropdown(choices=keys, value=keys[0] if keys else None),
                 gr.Dropdown(choices=keys, value=keys[-1] if keys else None),
-                grid_html(grid.get("cells", []), grid.get("prompts", [])))
+                grid_html(grid.get("cells", []), grid.get("prompts", [])), *files)
 
     def slide(imgs: dict, a: str, b: str):
         if a in imgs and b in imgs and GRID_KEY not in (a, b):
             return (enlarge(imgs[a]), enlarge(imgs[b]))  # a display copy, pixelated
         return None
 
-    go.click(compare, [prompts, seed, loras, rewards],
+    after = [left, right, grid_view, csv_file, png_file]
+    go.click(compare, [prompts, seed, loras, rewards, recipe],
              [reference, gallery, table, summary, images], api_name="compare", **GPU
-             ).then(fill_pickers, images, [left, right, grid_view], api_visibility="private")
+             ).then(fill_pickers, images, after, api_visibility="private")
+    refresh.click(lambda v: gr.CheckboxGroup(choices=row_choices(settings), value=v), loras,
+                  loras, api_visibility="private")
+
+    def then_compare(event):
+        """Run the grid (with the rows picker's value) after ``event`` succeeds."""
+        return event.success(compare, [prompts, seed, loras, rewards, recipe],
+                          [reference, gallery, table, summary, images], api_visibility="private",
+                          **GPU).then(fill_pickers, images, after, api_visibility="private")
 
     from .control import build_control_block, control_from_inputs
 
@@ -307,16 +384,18 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> None:
 
     @gpu
     def compare_control(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str],
-                        sketch_v, pick_v: str, scale_v: float):
+                        sketch_v, pick_v: str, scale_v: float, recipe_v: str = ""):
         """The grid under the digits ControlNet: a drawing or a held-out mask, a scale."""
         control = control_from_inputs(sketch_v, pick_v)
         ref, cells, frame, text, imgs = run_compare(service, settings, prompts_text, seed, loras_v,
-                                                    rewards_v, control, float(scale_v))
+                                                    rewards_v, control, float(scale_v),
+                                                    recipe=recipe_v)
         return ref, cells, frame, text, imgs, control
 
-    go_control.click(compare_control, [prompts, seed, loras, rewards, sketch, pick, scale],
+    go_control.click(compare_control, [prompts, seed, loras, rewards, sketch, pick, scale, recipe],
                      [reference, gallery, table, summary, images, preview],
                      api_name="compare_control", **GPU
-                     ).then(fill_pickers, images, [left, right, grid_view], api_visibility="private")
+                     ).then(fill_pickers, images, after, api_visibility="private")
     for picker in (left, right):
         picker.change(slide, [images, left, right], slider, api_visibility="private")
+    return CompareTab(loras, then_compare)

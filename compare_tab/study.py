@@ -23,6 +23,7 @@ from http.cookies import SimpleCookie
 import gradio as gr
 from PIL import Image
 
+from hypersd_core.app.arms import Arm, ArmError, arm_choices, resolve_arm
 from hypersd_core.app.service import AppSettings, ModelService, default_adapter_name
 from hypersd_core.app.zerogpu import gpu, on_space
 from hypersd_core.study.config import derive_key, resolve_salt
@@ -138,12 +139,30 @@ def identify(request: gr.Request | None, profile, cookies: VoterCookies,
 
 
 # ------------------------------------------------------------------- helpers
-def playable_config(config: StudyConfig, service: ModelService) -> StudyConfig:
-    """The study restricted to methods this model can run at every configured step count."""
+def arm_of(key: str, settings: AppSettings | None) -> Arm | None:
+    """The arm a study method names (a recipe, run:<id>, adapter:<name>, a LoRA file), or
+    None when the server has no such thing."""
+    try:
+        return resolve_arm(key, settings)
+    except ArmError:
+        return None
+
+
+def playable_config(config: StudyConfig, service: ModelService,
+                    settings: AppSettings | None = None) -> StudyConfig:
+    """The study restricted to arms this model can run at every configured step count: a
+    recipe whose adapter it has, or a run / adapter / file the server lists."""
     from dataclasses import replace
 
-    missing = [m for m in config.methods
-               if not all(service.method_available(m, n) for n in config.steps)]
+    def available(key: str) -> bool:
+        arm = arm_of(key, settings)
+        if arm is None:
+            return False
+        if arm.adapter is not None:
+            return True
+        return all(service.method_available(arm.recipe, n) for n in config.steps)
+
+    missing = [m for m in config.methods if not available(m)]
     methods = [m for m in config.methods if m not in missing]
     if len(methods) < 2:
         raise gr.Error("the study needs two methods this model can run; missing adapters for "
@@ -157,14 +176,20 @@ def playable_config(config: StudyConfig, service: ModelService) -> StudyConfig:
     return replace(config, methods=methods, primary=primary)
 
 
-def pair_context(service: ModelService, config: StudyConfig) -> PairContext:
-    """Base model, code version, and the adapter (name, weights hash) of every method@steps."""
+def pair_context(service: ModelService, config: StudyConfig,
+                 settings: AppSettings | None = None) -> PairContext:
+    """Base model, code version, and the adapter (name, weights hash) of every method@steps:
+    a recipe's default adapter, or the weights of a run / shipped adapter / file arm."""
     sides = [(m, n) for m in config.methods for n in config.steps]
     if config.anchor is not None:
         sides.append((config.anchor.method, config.anchor.steps))
     adapters = {}
     dirs = service.sampler.backbone.adapter_dirs
     for m, n in sides:
+        arm = arm_of(m, settings)
+        if arm is not None and arm.adapter is not None:
+            adapters[f"{m}@{n}"] = (arm.label, arm.weights_hash())
+            continue
         name = default_adapter_name(m, n)
         if name and name in dirs:
             adapters[f"{m}@{n}"] = (name, weights_hash(dirs[name]))
@@ -189,16 +214,46 @@ def for_screen(image: Image.Image, min_side: int = MIN_SIDE) -> Image.Image:
 class StudyHandlers:
     """The tab's event functions (also called directly by tests)."""
 
-    def __init__(self, service: ModelService, store: StudyStore, config: StudyConfig):
+    def shown(self, key: str) -> str:
+        """An arm's readable name for the reveal."""
+        arm = arm_of(key, self.settings)
+        return arm.label if arm is not None else key
+
+    def use_arms(self, keys: list[str]) -> str:
+        """Run the study over ``keys`` (arms) instead of study.yaml's methods; the primary
+        comparison is kept when its arms are among them. Returns a status line."""
+        from dataclasses import replace
+
+        keys = list(dict.fromkeys(keys or []))
+        if len(keys) < 2:
+            raise gr.Error("a study needs at least two arms")
+        bad = [k for k in keys if arm_of(k, self.settings) is None]
+        if bad:
+            raise gr.Error(f"not available on this server: {', '.join(bad)}")
+        primary = self.config.primary
+        if primary is not None and (primary.method not in keys
+                                    or not set(primary.against) & set(keys)):
+            primary = None
+        elif primary is not None:
+            primary = replace(primary, against=tuple(a for a in primary.against if a in keys))
+        self.config = replace(self.config, methods=keys, primary=primary)
+        self._playable = self._context = None
+        config, _ = self.playable()
+        return (f"The study now pairs {len(config.methods)} arms: "
+                + ", ".join(self.shown(m) for m in config.methods) + ".")
+
+    def __init__(self, service: ModelService, store: StudyStore, config: StudyConfig,
+                 settings: AppSettings | None = None):
         self.service, self.store, self.config = service, store, config
+        self.settings = settings  # resolves arms given as runs and files (None: recipes only)
         self.cookies = VoterCookies(store.salt)
         self._playable: StudyConfig | None = None
         self._context: PairContext | None = None
 
     def playable(self) -> tuple[StudyConfig, PairContext]:
         if self._playable is None:
-            self._playable = playable_config(self.config, self.service)
-            self._context = pair_context(self.service, self._playable)
+            self._playable = playable_config(self.config, self.service, self.settings)
+            self._context = pair_context(self.service, self._playable, self.settings)
         return self._playable, self._context
 
     def next_pair(self, request: gr.Request | None = None, profile=None) -> tuple:
@@ -210,7 +265,11 @@ class StudyHandlers:
         pair = self.store.next_pair(config, context=context, viewer_id=who[0])
         images = []
         for method, steps in ((pair.left, pair.steps_left), (pair.right, pair.steps_right)):
-            cell = self.service.generate(method, steps, [pair.prompt], [pair.seed])[0]
+            arm = arm_of(method, self.settings)
+            if arm is None:
+                raise gr.Error(f"the study arm {method!r} is no longer available")
+            cell = self.service.generate(arm.recipe, steps, [pair.prompt], [pair.seed],
+                                         adapter=arm.adapter)[0]
             if cell.error:
                 raise gr.Error(f"could not render the pair: {cell.error}")
             images.append(for_screen(cell.image))
@@ -245,7 +304,8 @@ class StudyHandlers:
         except RateLimited as err:
             gr.Warning(f"Vote not counted: {err}.")
             return (f"Vote not counted: {err}.", token, *on)
-        return (f"Thanks! **A** was **{vote.method_a}**, **B** was **{vote.method_b}**; you "
+        return (f"Thanks! **A** was **{self.shown(vote.method_a)}**, **B** was "
+                f"**{self.shown(vote.method_b)}**; you "
                 f"chose *{CHOICE_LABELS[choice]}*. Press **Show a pair** for the next one.",
                 None, *off)
 
@@ -258,6 +318,19 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
                 "Results are in the **Study results** tab.")
     if config.require_login:
         gr.LoginButton()
+    handlers = StudyHandlers(service, store, config, settings)
+    with gr.Accordion("Arms of this study (for the researcher running it)", open=False,
+                      visible=not settings.public):
+        gr.Markdown("Pick the arms to pair: recipes, your finished runs, shipped adapters and "
+                    "LoRA files. Every vote records each side's weights hash. (study.yaml's "
+                    "`methods` accepts the same keys: `run:<run id>`, `adapter:<name>`, a "
+                    "file in the LoRA folder, `file@recipe`.)")
+        arms = gr.CheckboxGroup(_arm_choices(settings, config), value=list(config.methods),
+                                label="Arms", elem_id="study-arms")
+        with gr.Row():
+            use = gr.Button("Start the study with these arms", elem_id="study-use-arms")
+            refresh = gr.Button("Refresh list")
+        arms_md = gr.Markdown()
     show = gr.Button("Show a pair", variant="primary", elem_id="study-show")
     pair_md = gr.Markdown()
     with gr.Row():
@@ -271,7 +344,15 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
         buttons = {c: gr.Button(CHOICE_LABELS[c], interactive=False) for c in CHOICES}
     reveal = gr.Markdown()
     token = gr.State(None)  # server-side only: never sent to the browser
-    handlers = StudyHandlers(service, store, config)
+
+    def on_use(keys: list[str]):
+        if settings.public:
+            raise gr.Error("the study's arms are fixed in a public app (study.yaml)")
+        return handlers.use_arms(keys)
+
+    use.click(on_use, arms, arms_md, api_visibility="private")
+    refresh.click(lambda v: gr.CheckboxGroup(choices=_arm_choices(settings, config), value=v),
+                  arms, arms, api_visibility="private")
 
     def show_pair(request: gr.Request, profile: gr.OAuthProfile | None):
         return handlers.next_pair(request, profile)
@@ -288,3 +369,10 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
         btn.click(make_vote(choice), token, [reveal, token, *buttons.values()],
                   api_visibility="private", concurrency_limit=None)
     return handlers
+
+
+def _arm_choices(settings: AppSettings, config: StudyConfig) -> list[tuple[str, str]]:
+    """Every arm the server offers, plus study.yaml's own methods (kept even when absent)."""
+    choices = arm_choices(settings, recipes=True)
+    keys = {k for _, k in choices}
+    return choices + [(m, m) for m in config.methods if m not in keys]

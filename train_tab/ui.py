@@ -5,6 +5,7 @@ incrementally by a timer, the latest sample grid and the log tail."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 from PIL import Image
@@ -14,6 +15,7 @@ from hypersd_core.app.service import AppSettings
 from ui_common.display import enlarge, image_classes, is_small, retile
 
 from . import controller as ctl
+from .run_tools import build_run_tools
 
 POLL_SECONDS = 2.0
 SAMPLE_COLS = 2  # the run's sample strip is shown as rows of two (each cell >= 256 px)
@@ -30,6 +32,7 @@ class TrainTab:
     sample_name: gr.State
     poll_outputs: list
     timer: gr.Timer  # polls while the tab is shown (app.py switches it with the tabs)
+    compare_run: gr.Button  # "Compare this run": app.py opens the Compare grid with it
 
 
 def _first_preset(stage: str) -> str | None:
@@ -78,6 +81,7 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,
                           label="Run (from disk)", scale=4)
         refresh = gr.Button("Refresh list", scale=1)
+        compare_run = gr.Button("Compare this run", scale=1, elem_id="compare-this-run")
     status_md = gr.Markdown(elem_id="train-status")
     empty = ctl.plots_html([])
     loss_plot = gr.HTML(empty[0], elem_id="train-loss")
@@ -172,7 +176,8 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
 
     run.change(on_select, run, [*poll_outputs, run_config], api_visibility="private",
                show_progress="hidden")
-    return TrainTab(run, offset, records, sample_name, poll_outputs, timer)
+    build_run_tools(settings, run, timer)
+    return TrainTab(run, offset, records, sample_name, poll_outputs, timer, compare_run)
 
 
 def _relabel(settings: AppSettings, run_id: str | None, shown: tuple) -> tuple:
@@ -210,14 +215,24 @@ def tick(settings: AppSettings, run_id: str | None, offset: int, records: list,
 
 
 def sample_display(path) -> Image.Image | None:
-    """The run's sample strip for the screen: digits-sized cells in rows of two, each
-    enlarged (nearest neighbour) to >= 256 px; SD-sized grids unchanged. Served through
-    Gradio's cache: run folders are never exposed."""
+    """The run's sample strip for the screen, headed by the step it was drawn at:
+    digits-sized cells in rows of two, each enlarged (nearest neighbour) to >= 256 px;
+    SD-sized grids unchanged. Served through Gradio's cache: run folders are never exposed."""
     try:
         with Image.open(path) as im:
             strip = im.convert("RGB")
     except OSError:
         return None
-    if not is_small(strip, cell=strip.height):
-        return strip
-    return enlarge(retile(strip, SAMPLE_COLS), cell=strip.height)
+    if is_small(strip, cell=strip.height):
+        strip = enlarge(retile(strip, SAMPLE_COLS), cell=strip.height)
+    return with_step(strip, ctl.checkpoint_step(Path(path).with_suffix("")))
+
+
+def with_step(image: Image.Image, step: int, band: int = 22) -> Image.Image:
+    """``image`` under a white band that says "step N"."""
+    from PIL import ImageDraw
+
+    out = Image.new("RGB", (image.width, image.height + band), (255, 255, 255))
+    out.paste(image, (0, band))
+    ImageDraw.Draw(out).text((6, 5), f"step {step}", fill=(0, 0, 0))
+    return out

@@ -5,7 +5,6 @@ whose weights are on disk (with what the others need).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from hypersd_core.app.service import NEEDS_TARGETS, AppSettings
@@ -59,24 +58,6 @@ def data_choices(settings: AppSettings) -> list[str]:
         found += [str(p) for p in sorted(settings.data_dir.iterdir())
                   if (p / "metadata.jsonl").is_file()]
     return found
-
-
-def official_method(path: Path) -> tuple[str, int | None]:
-    """The recipe an official LoRA file uses, from its name, and its fixed step count.
-
-    Hyper-SD N-step -> ('hypersd', N); Hyper-SD 1-step -> ('hypersd-unified', None)
-    (unified: 1-8 steps); LCM -> ('lcm', None); TCD -> ('tcd', None).
-    """
-    name = path.name.lower()
-    if "lcm" in name:
-        return "lcm", None
-    if "tcd" in name:
-        return "tcd", None
-    match = re.search(r"(\d+)\s*-?steps?", name)
-    if "hyper" in name and match:
-        n = int(match.group(1))
-        return ("hypersd-unified", None) if n == 1 else ("hypersd", n)
-    return "hypersd-unified", None
 
 
 def reward_choices() -> list[str]:

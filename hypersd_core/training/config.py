@@ -108,6 +108,8 @@ class StageConfig:
         "a red handwritten digit 7", "a green handwritten digit 3",
         "a blue handwritten digit 0", "a yellow handwritten digit 5"])
     sample_steps: int = 0  # 0: the stage's own (k for TSCD, 4 for LCM/TCD, 1 for DMD)
+    report_to: str = "none"  # tracker beside metrics.jsonl: none, tensorboard, wandb, trackio
+    lora_ema_decay: float = 0.0  # > 0: keep an EMA of the student's LoRA, exported as final_ema/
 
     def validate(self) -> StageConfig:
         """Raise ValueError naming every bad field; return self."""
@@ -225,6 +227,13 @@ class StageConfig:
         need(bool(self.sample_prompts) and all(p.strip() for p in self.sample_prompts),
              "sample_prompts must be a non-empty list of non-empty prompts "
              f"(the fixed sample grid), got {self.sample_prompts!r}")
+        from hypersd_core.training.trackers import TRACKERS, tracker_missing
+
+        need(self.report_to in TRACKERS, f"report_to must be one of {TRACKERS}, got {self.report_to!r}")
+        missing = tracker_missing(self.report_to) if self.report_to in TRACKERS else ""
+        need(not missing, missing)
+        need(0 <= self.lora_ema_decay < 1,
+             f"lora_ema_decay must be in [0, 1) (0: no EMA export), got {self.lora_ema_decay}")
         if errors:
             raise ValueError("invalid stage config: " + "; ".join(errors))
         return self

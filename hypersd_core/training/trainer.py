@@ -242,7 +242,10 @@ def _train(run: Run, resume: bool) -> dict:
     if cfg.mixed_precision == "fp16" and not use_cuda:
         raise ValueError("mixed_precision=fp16 needs a CUDA GPU (its loss scaling is CUDA's); "
                          "use mixed_precision=bf16 or no on the CPU")
-    accelerator = Accelerator(cpu=not use_cuda, mixed_precision=cfg.mixed_precision)
+    from hypersd_core.training.trackers import Trackers, accelerator_kwargs
+
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision=cfg.mixed_precision,
+                              **accelerator_kwargs(cfg.report_to, run.dir))
     scaler = accelerator.scaler  # a GradScaler under fp16 (loss scaling), else None
     main = accelerator.is_main_process
     stop = {"flag": False}
@@ -276,12 +279,19 @@ def _train(run: Run, resume: bool) -> dict:
             run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
         raise
     optimizer = make_optimizer(cfg, params)  # AdamW, or 8-bit AdamW (bitsandbytes)
+    ema = None  # the student LoRA's EMA, exported as final_ema/ (training/ema.py)
+    if cfg.lora_ema_decay > 0:
+        from hypersd_core.training.ema import LoraEMA
+
+        ema = LoraEMA(backbone.unet, STUDENT, cfg.lora_ema_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
     step, nonfinite = 0, 0
     if resume:
         step, nonfinite = _resume_state(run, backbone.unet, optimizer, lr_sched, stage)
+        if ema is not None and step:
+            ema.load(run.checkpoints_dir / f"step-{step:07d}")
         if main:
             run.truncate_metrics(step)
             run.stop_path.unlink(missing_ok=True)
@@ -290,6 +300,13 @@ def _train(run: Run, resume: bool) -> dict:
                disable=not main, dynamic_ncols=True)
     t_start, step_start = time.perf_counter(), step
     rank = accelerator.process_index
+    trackers = Trackers(accelerator, cfg.report_to, run.dir.name, cfg.to_dict())
+
+    def write_state(tmp: Path, s: int) -> None:
+        _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite)
+        if ema is not None:
+            ema.save(tmp)
+
     def save(s: int) -> Path | None:
         """A checkpoint at step ``s``; never one whose weights are non-finite (None then)."""
         if not _weights_finite(backbone.unet):
@@ -297,8 +314,7 @@ def _train(run: Run, resume: bool) -> dict:
                   "non-finite", file=sys.stderr, flush=True)
             return None
         return run.save_checkpoint(
-            s, lambda tmp: _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite),
-            cfg.keep_checkpoints)
+            s, lambda tmp: write_state(tmp, s), cfg.keep_checkpoints)
 
     try:
         while step < cfg.steps:
@@ -359,6 +375,8 @@ def _train(run: Run, resume: bool) -> dict:
                     scaler.update()
                 else:
                     optimizer.step()
+                if ema is not None:
+                    ema.update()
             lr_sched.step()
             if hasattr(stage, "after_step"):  # e.g. the discriminator's step: same autocast
                 with accelerator.autocast():
@@ -376,14 +394,17 @@ def _train(run: Run, resume: bool) -> dict:
                 if use_cuda:
                     record["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 run.log_metrics(record)
+                trackers.log(record, step)
                 run.write_status(step=step, it_s=its, eta_s=(cfg.steps - step) / max(its, 1e-9))
                 bar.set_postfix(loss=f"{float(total):.4g}")
             if main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 images = sample_grid(backbone, cfg, run.samples_dir / f"step-{step:07d}.png")
+                trackers.log_images(images, step)
                 if hasattr(stage, "score_samples"):
                     scores = stage.score_samples(images, cfg.sample_prompts)
                     if scores:
                         run.log_metrics({"step": step, **{f"reward/{k}": v for k, v in scores.items()}})
+                        trackers.log({f"reward/{k}": v for k, v in scores.items()}, step)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 if main:
                     save(step)
@@ -399,6 +420,7 @@ def _train(run: Run, resume: bool) -> dict:
         raise
     finally:
         bar.close()
+        trackers.close()
     if step < cfg.steps:
         if main:
             save(step)
@@ -406,6 +428,10 @@ def _train(run: Run, resume: bool) -> dict:
         return run.status()
     if main:
         save_lora(backbone.unet, run.final_dir, adapter_name=STUDENT)
+        if ema is not None:
+            from hypersd_core.training.export import EMA_DIR
+
+            ema.export(backbone.unet, run.dir / EMA_DIR, STUDENT)
         if hasattr(stage, "finalize"):
             stage.finalize(run)
         save(step)
