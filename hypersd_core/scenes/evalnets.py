@@ -134,9 +134,10 @@ def train_eval_nets(out: str | Path, n_images: int, steps: int, seed: int = 0,
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     net.eval()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              out / "detector.safetensors")
-    save_file(RandomFeatureNet().state_dict(), out / "random_features.safetensors")
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous()
+               for k, v in net.state_dict().items()}, out / "detector.safetensors")
+    save_file({k: v.half() for k, v in RandomFeatureNet().state_dict().items()},
+              out / "random_features.safetensors")
     test = world.scenes("test", min(1000, n_images))
     with torch.no_grad():
         acc = detector_accuracy(net, world.to_model(world.render_many(test)), test)
@@ -158,6 +159,11 @@ def detector_accuracy(net: GridDetector, images: torch.Tensor,
     return res
 
 
+def _float(sd: dict) -> dict:
+    """Weights ship fp16; the nets run fp32."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
 class EvalNets:
     """The loaded measuring nets and the features they give."""
 
@@ -168,10 +174,10 @@ class EvalNets:
                 f"no scenes evaluation nets in {folder}; build them with "
                 "`python -m hypersd_core build-scenes` (phase eval)")
         self.detector = GridDetector()
-        self.detector.load_state_dict(load_file(folder / "detector.safetensors"))
+        self.detector.load_state_dict(_float(load_file(folder / "detector.safetensors")))
         self.detector.eval().requires_grad_(False)
         self.random = RandomFeatureNet()
-        self.random.load_state_dict(load_file(folder / "random_features.safetensors"))
+        self.random.load_state_dict(_float(load_file(folder / "random_features.safetensors")))
 
     @torch.no_grad()
     def read(self, images: torch.Tensor, batch: int = 256) -> dict[str, np.ndarray]:

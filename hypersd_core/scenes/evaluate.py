@@ -109,6 +109,8 @@ def score_images(items: list[world.Scene], read: dict) -> dict[str, np.ndarray]:
 
 def parse_row(spec: str) -> dict:
     """"method:steps[:adapter]" -> row; e.g. "teacher:25", "lcm:4:runs/x/final"."""
+    if spec == "real":  # the eval scenes' own renders: the ceiling of every measure
+        return {"method": "real", "steps": 0, "adapter": None, "label": "real renders"}
     parts = spec.split(":", 2)
     if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
         raise ValueError(f"a row is METHOD:STEPS[:ADAPTER] with STEPS >= 1, got {spec!r}")
@@ -145,7 +147,10 @@ def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
         return dict(np.load(path, allow_pickle=False))
     t0 = time.perf_counter()
     chunks = []
-    for i in range(0, len(items), batch):
+    if row["method"] == "real":
+        chunks.append(world.to_model(world.render_many(items)))
+    for i in range(0, len(items) if sampler is not None and row["method"] != "real" else 0,
+                   batch):
         part = items[i:i + batch]
         gen = sampler.generate(row["method"], row["steps"], [s.prompt for s in part],
                                [s.seed for s in part], adapter=row["adapter"],
@@ -234,6 +239,66 @@ def paired_difference(a: dict, b: dict, ref: dict, key: str, n_boot: int = 1000,
     return float(point), dist.percentile_interval(diffs)
 
 
+PAIR_KEYS = ("class_acc", "colour_acc", "size_acc", "position_acc", "all_correct",
+             "fd_detector", "fd_random", "fd_pixels")
+
+
+def criteria(arrays: dict[str, dict], summaries: dict[str, dict], ref: dict,
+             n_boot: int = 1000) -> dict:
+    """Is the world fit to rank methods? (a) teacher@25 learns it; (b) teacher@4 and
+    teacher@25 differ beyond their paired interval on some measure; (c) at 2 and at 4 steps
+    some pair of rows differs beyond its paired interval. Missing rows: None."""
+    out: dict = {}
+    t25 = summaries.get("teacher@25")
+    if t25 is not None:
+        attrs = {k: t25[k] for k in ("class_acc", "colour_acc", "size_acc", "position_acc")}
+        out["a"] = {"per_attribute": attrs, "all_correct": t25["all_correct"],
+                    "met": min(attrs.values()) >= 90 and t25["all_correct"] >= 70}
+
+    def pair(x, y):
+        diffs = {}
+        for k in PAIR_KEYS:
+            point, ci = paired_difference(arrays[x], arrays[y], ref, k, n_boot)
+            diffs[k] = {"diff": point, "ci": ci, "separated": ci[0] > 0 or ci[1] < 0}
+        return diffs
+
+    if "teacher@4" in arrays and "teacher@25" in arrays:
+        d = pair("teacher@4", "teacher@25")
+        out["b"] = {"pair": ["teacher@4", "teacher@25"], "diffs": d,
+                    "met": any(v["separated"] for v in d.values())}
+    for steps in (2, 4):
+        labels = [k for k in arrays if k.split("@")[-1].split(" ")[0] == str(steps)]
+        pairs = {f"{x} vs {y}": pair(x, y) for x, y in itertools.combinations(labels, 2)}
+        out[f"c{steps}"] = {"pairs": pairs, "met": any(v["separated"] for d in pairs.values()
+                                                       for v in d.values()) if pairs else None}
+    return out
+
+
+def criteria_markdown(c: dict) -> str:
+    lines = []
+    if "a" in c:
+        a = c["a"]
+        lines.append("- (a) teacher@25 learns the world: per-attribute "
+                     + ", ".join(f"{k.removesuffix('_acc')} {v:.1f}%" for k, v in
+                                 a["per_attribute"].items())
+                     + f"; all-correct {a['all_correct']:.1f}% -> **{'met' if a['met'] else 'not met'}**"
+                     " (needs every attribute >= 90% and all-correct >= 70%)")
+    if "b" in c:
+        sep = [k for k, v in c["b"]["diffs"].items() if v["separated"]]
+        lines.append(f"- (b) teacher@4 vs teacher@25 differ beyond the paired 95% interval on: "
+                     f"{', '.join(sep) or 'nothing'} -> **{'met' if c['b']['met'] else 'not met'}**")
+    for steps in (2, 4):
+        cc = c.get(f"c{steps}")
+        if cc is None or cc["met"] is None:
+            lines.append(f"- (c) at {steps} steps: fewer than two rows measured")
+            continue
+        seps = [f"{name}: {', '.join(k for k, v in d.items() if v['separated'])}"
+                for name, d in cc["pairs"].items() if any(v["separated"] for v in d.values())]
+        lines.append(f"- (c) at {steps} steps, pairs separated: {'; '.join(seps) or 'none'} "
+                     f"-> **{'met' if cc['met'] else 'not met'}**")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summaries: dict[str, dict], fl: dict) -> str:
     head = ("| row | class | colour | size | position | relation | count | all-correct | "
             "FD det | FD rand | FD pix | KID det x1e3 | prec | rec |")
@@ -263,11 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=2000)
     p.add_argument("--reference-images", type=int, default=4000)
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--floor-splits", type=int, default=200)
     p.add_argument("--eval-nets", default=str(SCENES_EVAL))
     p.add_argument("--split", default="eval", choices=["eval", "tune"])
     p.add_argument("--out", default="results/scenes")
     args = p.parse_args(argv)
-    if args.num_images < 2 or args.reference_images < 4:
+    if args.num_images < 2 or args.reference_images < 4:  # noqa: PLR2004
         raise SystemExit("--num-images must be >= 2 and --reference-images >= 4")
     rows = [parse_row(r.strip()) for r in args.rows.split(",") if r.strip()]
     out = Path(args.out)
@@ -285,10 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['label']}: all-correct {np.nanmean(arrays[row['label']]['all_correct']):.3f}",
               flush=True)
     summaries = {k: summarize(v, ref, args.bootstrap) for k, v in arrays.items()}
-    fl = floor(ref)
-    table = markdown(summaries, fl)
+    fl = floor(ref, n_splits=args.floor_splits)
+    crit = criteria(arrays, summaries, ref, args.bootstrap)
+    table = markdown(summaries, fl) + "\n" + criteria_markdown(crit)
     (out / "scenes_eval.json").write_text(json.dumps(
-        {"rows": summaries, "floor": fl, "num_images": args.num_images,
+        {"rows": summaries, "floor": fl, "criteria": crit, "num_images": args.num_images,
          "reference_images": args.reference_images, "bootstrap": args.bootstrap,
          "seconds": {k: float(v["seconds"]) for k, v in arrays.items()}}, indent=1))
     (out / "scenes_eval.md").write_text(table)

@@ -90,12 +90,15 @@ def test_evaluate_runs_on_the_tiny_world(tiny_world, tmp_path):
     world = tiny_world / "world"
     assert main(["--model", str(world / "pipeline"), "--rows", "teacher:1,teacher:2",
                  "--num-images", "8", "--reference-images", "16", "--bootstrap", "5",
+                 "--floor-splits", "3",
                  "--eval-nets", str(world / "eval"), "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "scenes_eval.json").read_text())
     assert set(res["rows"]) == {"teacher@1", "teacher@2"}
     row = res["rows"]["teacher@1"]
     assert 0 <= row["all_correct"] <= 100 and len(row["fd_detector_ci"]) == 2
-    assert "real vs real" in (tmp_path / "scenes_eval.md").read_text()
+    md = (tmp_path / "scenes_eval.md").read_text()
+    assert "real vs real" in md and "(c) at 2 steps" in md
+    assert "a" not in res["criteria"] and res["criteria"]["c2"]["met"] is None
 
 
 def test_prompts_cli_gives_ground_truth_for_both_worlds():
