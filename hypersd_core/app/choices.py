@@ -10,6 +10,7 @@ from pathlib import Path
 from hypersd_core.app.service import NEEDS_TARGETS, AppSettings
 
 SCORED_REWARDS = ("digits-quality", "digits-alignment")  # default scores on the digits world
+WORLD_REWARDS = {"digits": SCORED_REWARDS, "scenes": ("scenes-quality", "scenes-alignment")}
 
 
 def model_choices(settings: AppSettings) -> list[str]:
@@ -92,6 +93,6 @@ def unavailable_text() -> str:
 
 
 def default_rewards(model_kind: str = "digits") -> list[str]:
-    """The rewards scored by default (the digits world's own, cheap ones)."""
+    """The rewards scored by default (a miniature world's own, cheap ones)."""
     offered = reward_choices()
-    return [r for r in SCORED_REWARDS if r in offered] if model_kind == "digits" else []
+    return [r for r in WORLD_REWARDS.get(model_kind, ()) if r in offered]

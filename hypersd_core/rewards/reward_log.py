@@ -6,13 +6,18 @@ from __future__ import annotations
 import torch
 
 DIGITS_REWARDS = ("digits-quality", "digits-alignment")
+SCENES_REWARDS = ("scenes-quality", "scenes-alignment")
 
 
 def sample_reward_names(cfg, backbone_kind: str) -> list[str]:
-    """Rewards to score the sample grid with: the digits rewards on the digits world,
+    """Rewards to score the sample grid with: a miniature world's own rewards on that world,
     else the stage's own (non-perception) training rewards."""
     if backbone_kind == "digits":
         return list(DIGITS_REWARDS)
+    if backbone_kind == "scenes":
+        from hypersd_core.rewards.availability import availability
+
+        return [n for n in SCENES_REWARDS if availability(n).ok]
     return [n for n in cfg.rewards if not n.endswith("perception")]
 
 
