@@ -20,20 +20,6 @@ from hypersd_core.rewards.scenes import FILES, REWARDS_DIR, CellNet, QualityNet,
 from hypersd_core.worlds import scenes as world
 
 
-def _cell_targets(items) -> dict[str, torch.Tensor]:
-    empty = len(world.CLASSES)
-    cls = torch.full((len(items), 4), empty)
-    colour = torch.full((len(items), 4), -100)
-    size = torch.full((len(items), 4), -100)
-    for i, s in enumerate(items):
-        for o in s.objects:
-            c = o.cell[0] * 2 + o.cell[1]
-            cls[i, c] = world.CLASSES.index(o.cls)
-            colour[i, c] = world.COLOUR_NAMES.index(o.colour)
-            size[i, c] = world.SIZE_NAMES.index(o.size)
-    return {"cls": cls, "colour": colour, "size": size}
-
-
 def _quality_batch(images01: torch.Tensor, g: torch.Generator):
     b = len(images01)
     severity = torch.rand(b, generator=g)
@@ -52,7 +38,7 @@ def train_scenes_rewards(out: str | Path = REWARDS_DIR, n_images: int = 8000, st
     out.mkdir(parents=True, exist_ok=True)
     items = world.scenes("reward", n_images)
     images = world.render_many(items).float() / 255.0
-    tgt = _cell_targets(items)
+    tgt = world.cell_targets(items)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     quality, cells = QualityNet(width), CellNet(width)

@@ -81,16 +81,7 @@ def pixel_features(x: torch.Tensor) -> torch.Tensor:
 
 def targets(items: list[world.Scene]) -> dict[str, torch.Tensor]:
     """Per-cell ground truth: class (EMPTY where no object), colour, size (-100: ignore)."""
-    cls = torch.full((len(items), N_CELLS), EMPTY)
-    colour = torch.full((len(items), N_CELLS), -100)
-    size = torch.full((len(items), N_CELLS), -100)
-    for i, s in enumerate(items):
-        for o in s.objects:
-            c = o.cell[0] * 2 + o.cell[1]
-            cls[i, c] = world.CLASSES.index(o.cls)
-            colour[i, c] = world.COLOUR_NAMES.index(o.colour)
-            size[i, c] = world.SIZE_NAMES.index(o.size)
-    return {"cls": cls, "colour": colour, "size": size}
+    return world.cell_targets(items)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -353,5 +353,20 @@ def write_tokenizer(folder: str | Path) -> None:
     write_clip_tokenizer(folder, WORDS, MAX_TOKENS)
 
 
+def cell_targets(items: list[Scene]) -> dict[str, torch.Tensor]:
+    """Per-cell ground truth [N, 4] (cell = row * 2 + col): class index (len(CLASSES) where
+    the cell is empty), colour and size indices (-100 where empty: ignored by losses)."""
+    cls = torch.full((len(items), 4), len(CLASSES))
+    colour = torch.full((len(items), 4), -100)
+    size = torch.full((len(items), 4), -100)
+    for i, s in enumerate(items):
+        for o in s.objects:
+            c = o.cell[0] * 2 + o.cell[1]
+            cls[i, c] = CLASSES.index(o.cls)
+            colour[i, c] = COLOUR_NAMES.index(o.colour)
+            size[i, c] = SIZE_NAMES.index(o.size)
+    return {"cls": cls, "colour": colour, "size": size}
+
+
 def save_ground_truth(path: str | Path, items: list[Scene]) -> None:
     Path(path).write_text("\n".join(json.dumps(s.to_json()) for s in items) + "\n")
