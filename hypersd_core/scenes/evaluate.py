@@ -141,7 +141,8 @@ def reference(nets: EvalNets, n: int, cache: Path) -> dict:
 def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
                  cache: Path, batch: int = 50, guidance: float | None = None) -> dict:
     """Generate (or load from cache) a row's images for ``items``; return its arrays."""
-    key = row["label"].replace("/", "_").replace(" ", "").replace("@", "-")
+    key = row["label"].replace("/", "_").replace(" ", "").replace("@", "-") + \
+        (f"-cfg{guidance:g}" if guidance is not None and row["method"] == "teacher" else "")
     path = cache / f"row-{key}-{len(items)}.npz"
     if path.is_file():
         return dict(np.load(path, allow_pickle=False))
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-images", type=int, default=4000)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--floor-splits", type=int, default=200)
+    p.add_argument("--guidance", type=float, help="the teacher's CFG (default: the model's)")
     p.add_argument("--eval-nets", default=str(SCENES_EVAL))
     p.add_argument("--split", default="eval", choices=["eval", "tune"])
     p.add_argument("--out", default="results/scenes")
@@ -347,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = Sampler(load_backbone(args.model))
     arrays = {}
     for row in rows:
-        arrays[row["label"]] = generate_row(sampler, nets, row, items, out)
+        arrays[row["label"]] = generate_row(sampler, nets, row, items, out,
+                                            guidance=args.guidance)
         print(f"{row['label']}: all-correct {np.nanmean(arrays[row['label']]['all_correct']):.3f}",
               flush=True)
     summaries = {k: summarize(v, ref, args.bootstrap) for k, v in arrays.items()}
