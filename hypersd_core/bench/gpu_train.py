@@ -103,6 +103,8 @@ def smoke_stage(backbone, stage_name: str, mixed_precision: str, res: int,
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
+                if hasattr(stage, "begin_step"):
+                    stage.begin_step(step)
                 with autocast:
                     loss, _ = stage.loss(batch, torch.Generator().manual_seed(step))
                 if loss is not None:

@@ -170,8 +170,11 @@ def count_stage(kind: str, stage_name: str, batch: int, checkpointing: bool,
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         mode = AllocatorCount()
         with mode:
-            for step in range(2 if cfg.stage == "dmd" else 1):  # DMD: critic-only, then both
+            # DMD: critic-only, then both; the adversarial term: a D step, then a G step
+            for step in range(2 if cfg.stage == "dmd" or cfg.adv_weight > 0 else 1):
                 optimizer.zero_grad(set_to_none=True)
+                if hasattr(stage, "begin_step"):
+                    stage.begin_step(step)
                 loss, _ = stage.loss(data, torch.Generator().manual_seed(step))
                 if loss is not None:
                     loss.float().mean().backward()

@@ -117,19 +117,17 @@ class StepRunner:
         self._update((out.float() - noise).square().flatten(1).mean(1))
 
     def stage_step(self, batch, seed: int = 0) -> None:
-        """One trainer step of the stage (DMD: a generator step, or a critic-only step)."""
+        """One trainer step of the stage (DMD: a generator step, or a critic-only step; the
+        adversarial term: a generator step, odd in PCM's alternation, whose discriminator
+        steps cost less: no student backward)."""
         stage = self.stage
-        if self.kind == "dmd":
-            stage.step = self.cfg.critic_steps - 1  # the next loss() updates the generator
-        elif self.kind == "dmd-critic":
-            stage.step = 0
+        step = {"dmd": self.cfg.critic_steps - 1, "dmd-critic": 0}.get(self.kind, 1)
+        if hasattr(stage, "begin_step"):
+            stage.begin_step(step)
         loss, _ = stage.loss(batch, torch.Generator().manual_seed(seed))
         self._update(loss)
-        if hasattr(stage, "after_step") and not self.kind.startswith("dmd"):
-            stage.after_step(0)
-        disc = getattr(stage, "discriminator", None)
-        if disc is not None and getattr(disc, "_pending", None) is not None:
-            disc.discriminator_step()  # the adversarial term's own update belongs to the step
+        if hasattr(stage, "after_step"):
+            stage.after_step(step)
 
 
 def _interleaved(runner: StepRunner, batch, repeats: int, warmup: int) -> tuple[dict, dict]:

@@ -3,7 +3,7 @@
     python -m hypersd_core chain --stages lcm,tcd,k8,k4,k2,k1,feedback,dmd
 
 Each stage is an ordinary run (runs/chain/<stage>/); TSCD k = 4, 2, 1 start from the
-previous stage's final adapter, feedback from k = 1 and DMD from feedback. Finished
+previous stage's final adapter, feedback and DMD (rank 16, its own rewards) from k = 1. Finished
 adapters are exported to assets/digits/adapters/<name>/ with their config, metrics
 and last sample grid; the stage times go to assets/digits/adapters/stage_times.json.
 """
@@ -29,7 +29,7 @@ PRESETS = {"lcm": "digits-lcm", "tcd": "digits-tcd", "k8": "digits-tscd-k8",
 EXPORT_NAMES = {"lcm": "lcm", "tcd": "tcd", "k8": "hypersd-k8", "k4": "hypersd-k4",
                 "k2": "hypersd-k2", "k1": "hypersd-k1", "feedback": "hypersd-k1-feedback",
                 "dmd": "hypersd-unified"}
-PREVIOUS = {"k4": "k8", "k2": "k4", "k1": "k2", "feedback": "k1", "dmd": "feedback"}
+PREVIOUS = {"k4": "k8", "k2": "k4", "k1": "k2", "feedback": "k1", "dmd": "k1"}
 
 
 def export_adapter(run: Run, name: str, out_root: Path = DIGITS_ADAPTERS) -> Path:

@@ -56,8 +56,11 @@ def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INI
     from hypersd_core.training.data import DigitsData
 
     torch.manual_seed(cfg.seed)
+    # its recipe as measured: the unified stage's settings before DMD2's (MSE to the k=1
+    # target on, the fake score at twice the rate); one critic update per step
     stage_cfg = load_preset("digits-dmd", {"one_step_t": cfg.one_step_t, "multistep_prob": 0.0,
-                                           "batch_size": cfg.batch_size, "steps": cfg.steps})
+                                           "batch_size": cfg.batch_size, "steps": cfg.steps,
+                                           "mse_weight": 1.0, "fake_lr": 2.0e-4})
     backbone = load_backbone("digits", device=device)
     student = fused_student(init_adapter, device)
     stage = OneStepUNetStage(stage_cfg, backbone, student)

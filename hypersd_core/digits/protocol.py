@@ -1,6 +1,6 @@
 """The comparison protocol as one dependency graph of runs (README "How the comparison
-is run"): the TSCD chain k8 -> k4 -> k2 -> k1 -> feedback -> DMD, the LCM and TCD
-baselines with as many training samples as the whole chain, the ablations and the
+is run"): the TSCD chain k8 -> k4 -> k2 -> k1 (-> feedback), DMD2 from the direct k=1,
+the LCM and TCD baselines with as many training samples as the whole chain, the ablations and the
 learning-rate search, trained ``--jobs`` runs at a time (one process each):
 
     python -m hypersd_core.digits.protocol --root runs/protocol --jobs 2
@@ -27,7 +27,9 @@ from hypersd_core.training.config import load_preset
 from hypersd_core.training.runs import Run
 
 WEIGHTS = "final/pytorch_lora_weights.safetensors"
-SWEEP_LRS = ("1.0e-4", "1.0e-3")  # with the presets' 3e-4: three points for every method
+LR_POINTS = ("1.0e-4", "3e-4", "1.0e-3")  # the learning-rate search, per method
+PRESET_LR = {"lcm": "3e-4", "tcd": "3e-4", "k8": "1.0e-3"}  # its choices, in the presets
+SWEEP = {"lcm": "digits-lcm", "tcd": "digits-tcd", "k8": "digits-tscd-k8"}
 SWEEP_STEPS = 600
 
 
@@ -49,33 +51,40 @@ def protocol_runs() -> list[RunSpec]:
         RunSpec("k4", "digits-tscd-k4", parent="k8"),
         RunSpec("k2", "digits-tscd-k2", parent="k4"),
         RunSpec("k1", "digits-tscd-k1", parent="k2"),
+        RunSpec("k1-direct", "digits-tscd-k1", ("steps=2400", "checkpoint_every=600"),
+                None, "ablation", "k=1 directly from the base, the whole chain's samples"),
         RunSpec("feedback", "digits-feedback", parent="k1"),
-        RunSpec("dmd", "digits-dmd", parent="feedback"),
+        # DMD2 (two time scales, GAN branch) from the better k=1 of the ablation (direct),
+        # at rank 16 like every compared row; with the feedback rewards and without
+        RunSpec("dmd", "digits-dmd", parent="k1-direct"),
         RunSpec("lcm", "digits-lcm"),
         RunSpec("tcd", "digits-tcd"),
         # ablations, each with the budget of the run it replaces
+        RunSpec("dmd-nofb", "digits-dmd-nofb", (), "k1-direct", "ablation",
+                "DMD2 reward-free (the dmd row without its feedback rewards)"),
         RunSpec("k2-advoff", "digits-tscd-k2", ("adv_weight=0.0",), "k4", "ablation",
                 "adversarial term off"),
         RunSpec("k1-advoff", "digits-tscd-k1", ("adv_weight=0.0",), "k2-advoff", "ablation",
                 "adversarial term off"),
-        RunSpec("k2-static", "digits-tscd-k2", ("adv_dynamic=false", "adv_weight=0.02"), "k4",
-                "ablation", "adversarial term with a fixed weight"),
-        RunSpec("k1-static", "digits-tscd-k1", ("adv_dynamic=false", "adv_weight=0.02"),
-                "k2-static", "ablation", "adversarial term with a fixed weight"),
-        RunSpec("k1-direct", "digits-tscd-k1", ("steps=2400", "checkpoint_every=600"),
-                None, "ablation", "k=1 directly from the base, the whole chain's samples"),
-        RunSpec("dmd-nofb", "digits-dmd", ("lora_rank=16", "lora_alpha=16"), "k1", "ablation",
-                "DMD without feedback (rank 16, k1's; the merged feedback adapter is 32)"),
+        RunSpec("k2-advdata", "digits-tscd-k2", ("adv_real=data",), "k4", "ablation",
+                "adversarial real = data (PCM: the re-noised consistency target)"),
+        RunSpec("k1-advdata", "digits-tscd-k1", ("adv_real=data",), "k2-advdata", "ablation",
+                "adversarial real = data (PCM: the re-noised consistency target)"),
         RunSpec("k8-edge", "digits-tscd-k8", ("loss_scale=none",), None, "ablation",
                 "loss in edge space (no x0 normalisation)"),
         RunSpec("k8-huber", "digits-tscd-k8", ("distance=huber",), None,
                 "ablation", "pseudo-Huber (PCM) on the x0-scaled loss"),
+        RunSpec("k8-tuniform", "digits-tscd-k8", ("t_end=uniform",), None, "ablation",
+                "the paper's t_end ~ U[t_b, t_{n-1}] (Algorithm 1) instead of the edge"),
+        RunSpec("k8-perturb", "digits-tscd-k8", ("offset_noise=0.1",), None, "ablation",
+                "the paper's noise perturbation (offset noise 0.1)"),
     ]
-    for lr in SWEEP_LRS:
-        for name, preset in (("lcm", "digits-lcm"), ("tcd", "digits-tcd"), ("k8", "digits-tscd-k8")):
-            runs.append(RunSpec(f"{name}-lr{lr}", preset,
-                                (f"lr={lr}", f"steps={SWEEP_STEPS}", "checkpoint_every=600"),
-                                None, "lr-search", f"lr {lr}, {SWEEP_STEPS} steps"))
+    for lr in LR_POINTS:
+        for name, preset in SWEEP.items():
+            if lr != PRESET_LR[name]:  # the preset's own point is the main run
+                runs.append(RunSpec(f"{name}-lr{lr}", preset,
+                                    (f"lr={lr}", f"steps={SWEEP_STEPS}", "checkpoint_every=600"),
+                                    None, "lr-search", f"lr {lr}, {SWEEP_STEPS} steps"))
     return runs
 
 
@@ -164,8 +173,8 @@ def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
     return record
 
 
-PACKED_ADAPTERS = ("k8", "k4", "k2", "k1", "feedback", "dmd", "lcm", "tcd", "k2-static",
-                   "k1-static")
+PACKED_ADAPTERS = ("k8", "k4", "k2", "k1", "k1-direct", "feedback", "dmd", "dmd-nofb", "lcm",
+                   "tcd", "k2-advdata", "k1-advdata")
 
 
 def pack(root: str | Path, out: str | Path, adapters=PACKED_ADAPTERS) -> None:

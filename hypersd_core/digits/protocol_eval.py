@@ -57,8 +57,9 @@ def row_specs(root: Path) -> list[dict]:
         for eta in ETAS:
             add(f"unified@{n}/eta{eta}", "eval", "hypersd-unified", n, "dmd", eta, save=True)
     # ablations: tune seeds to choose, eval seeds to report
-    abl = [("k8-edge", 8), ("k8-huber", 8), ("k8", 8), ("k2-advoff", 2), ("k2-static", 2),
-           ("k2", 2), ("k1-advoff", 1), ("k1-static", 1), ("k1", 1), ("k1-direct", 1)]
+    abl = [("k8-edge", 8), ("k8-huber", 8), ("k8-tuniform", 8), ("k8-perturb", 8), ("k8", 8),
+           ("k2-advoff", 2), ("k2-advdata", 2), ("k2", 2), ("k1-advoff", 1), ("k1-advdata", 1),
+           ("k1", 1), ("k1-direct", 1)]
     for seeds in ("tune", "eval"):
         for run, n in abl:
             add(f"{run}@{n}", seeds, "hypersd", n, run, save=seeds == "eval")
@@ -67,15 +68,17 @@ def row_specs(root: Path) -> list[dict]:
                 for eta in (0.0, 0.3, 1.0):  # the unified recipe's candidates that win
                     add(f"{run}-unified@{n}/eta{eta}", seeds, "hypersd-unified", n, run, eta,
                         save=seeds == "eval")
-    # learning-rate search: 600 steps each (the 3e-4 point: the main runs' step-600 checkpoints)
-    for lr in ("1.0e-4", "1.0e-3", "3e-4"):
+    # learning-rate search: 600 steps each (the preset's own point: the main run at step 600)
+    from hypersd_core.digits.protocol import LR_POINTS, PRESET_LR
+
+    for lr in LR_POINTS:
         for name in ("lcm", "tcd"):
             for n in STEPS:
                 file = (root / name / "checkpoints" / "step-0000600" / "lora.safetensors"
-                        if lr == "3e-4" else None)
+                        if lr == PRESET_LR[name] else None)
                 add(f"{name}-lr{lr}@{n}", "tune", name, n, f"{name}-lr{lr}" if file is None else None,
                     file=file)
-        file = root / "k8" / WEIGHTS if lr == "3e-4" else None
+        file = root / "k8" / WEIGHTS if lr == PRESET_LR["k8"] else None
         add(f"k8-lr{lr}@8", "tune", "hypersd", 8, f"k8-lr{lr}" if file is None else None, file=file)
     # quality against training samples (checkpoints)
     for name in ("lcm", "tcd"):
@@ -87,6 +90,9 @@ def row_specs(root: Path) -> list[dict]:
             add(f"k{k}/{ck.name}@{k}", "curve", "hypersd", k, file=ck / "lora.safetensors")
     for ck in sorted((root / "k1-direct" / "checkpoints").glob("step-*")):
         add(f"k1-direct/{ck.name}@1", "curve", "hypersd", 1, file=ck / "lora.safetensors")
+    for run in ("dmd", "dmd-nofb"):  # DMD2's curves, at one step
+        for ck in sorted((root / run / "checkpoints").glob("step-*")):
+            add(f"{run}/{ck.name}@1", "curve", "hypersd-unified", 1, file=ck / "lora.safetensors")
     return rows
 
 

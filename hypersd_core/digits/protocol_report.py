@@ -183,10 +183,14 @@ def simple_table(ci_rows: list[dict], ids: list[tuple[str, str]]) -> str:
 ABLATIONS = [
     ("loss in edge space", "k8-edge@8"), ("loss x0-scaled (shipped)", "k8@8"),
     ("x0-scaled pseudo-Huber", "k8-huber@8"),
-    ("k=2 adversarial off", "k2-advoff@2"), ("k=2 adversarial on, dynamic weight (preset)", "k2@2"),
-    ("k=2 adversarial on, fixed weight 0.02", "k2-static@2"),
-    ("k=1 adversarial off", "k1-advoff@1"), ("k=1 adversarial on, dynamic weight (preset)", "k1@1"),
-    ("k=1 adversarial on, fixed weight 0.02", "k1-static@1"),
+    ("t_end uniform in [t_b, t_{n-1}] (Algorithm 1)", "k8-tuniform@8"),
+    ("noise perturbation (offset noise 0.1)", "k8-perturb@8"),
+    ("k=2 adversarial off", "k2-advoff@2"),
+    ("k=2 PCM adversarial, real = re-noised target (preset)", "k2@2"),
+    ("k=2 PCM adversarial, real = data", "k2-advdata@2"),
+    ("k=1 adversarial off", "k1-advoff@1"),
+    ("k=1 PCM adversarial, real = re-noised target (preset)", "k1@1"),
+    ("k=1 PCM adversarial, real = data", "k1-advdata@1"),
     ("k=1 direct (same samples as 8->4->2->1)", "k1-direct@1"),
 ]
 
@@ -197,8 +201,8 @@ def ablation_ids(eta: dict) -> list[tuple[str, str]]:
         e = eta.get(n, 1.0)
         e2 = e if e in (0.0, 0.3, 1.0) else 1.0  # the ablation rows' etas
         ids += [(f"unified {n} steps: k1 + feedback, no DMD", f"feedback-unified@{n}/eta{e2}"),
-                (f"unified {n} steps: k1 + DMD, no feedback", f"dmd-nofb-unified@{n}/eta{e2}"),
-                (f"unified {n} steps: k1 + feedback + DMD (shipped)", f"unified@{n}/eta{e}")]
+                (f"unified {n} steps: k1-direct + DMD2, reward-free", f"dmd-nofb-unified@{n}/eta{e2}"),
+                (f"unified {n} steps: k1-direct + DMD2 with rewards (shipped)", f"unified@{n}/eta{e}")]
     return ids
 
 
@@ -219,7 +223,9 @@ def eta_table(rows: list[dict]) -> str:
 
 
 CURVE_COLOURS = {"lcm": "tab:orange", "tcd": "tab:green", "hypersd (chain)": "tab:red",
-                 "k1-direct": "tab:brown"}  # one colour per method in every panel and plot
+                 "k1-direct": "tab:brown", "dmd": "tab:purple",
+                 "dmd-nofb": "tab:pink"}  # one colour per method in every panel and plot
+OWN_CURVES = ("k1-direct", "dmd", "dmd-nofb")  # runs drawn as their own line (not the chain)
 
 
 def curves(rows: list[dict], protocol: dict, out_png: Path) -> dict:
@@ -246,8 +252,7 @@ def curves(rows: list[dict], protocol: dict, out_png: Path) -> dict:
         step, n = int(rest.split("@")[0]), int(rest.split("@")[1])
         if run not in runs:
             continue
-        label = f"{run}@{n}" if run in ("lcm", "tcd") else ("hypersd (chain)@" + str(n)
-                                                            if run != "k1-direct" else "k1-direct@1")
+        label = f"{run}@{n}" if run in ("lcm", "tcd", *OWN_CURVES) else f"hypersd (chain)@{n}"
         pts.setdefault(label, []).append((samples(run, step), r["fd_real"], r["fd_real_random"]))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, n in zip(axes, STEPS):

@@ -68,6 +68,8 @@ class OwnStep:
 
     Call it under the same autocast as the student's step. Under fp16 autocast it
     keeps its own ``GradScaler`` (a separate scale from the student's optimiser).
+    ``accumulate`` then ``step`` split one update over the micro-batches of a step
+    (gradient accumulation); calling the object does both on one loss.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
@@ -76,13 +78,21 @@ class OwnStep:
         self.params = list(params)
         self.grad_clip = grad_clip
         self.scaler: torch.amp.GradScaler | None = None
+        self.pending = False  # gradients accumulated since the last step
 
-    def __call__(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """One update from ``loss`` (a scalar); returns the gradient norm if clipped."""
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = False
+
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` (a scalar, already divided by the micro-batch count)."""
         if self.scaler is None and fp16_autocast():
             self.scaler = torch.amp.GradScaler("cuda")
-        self.optimizer.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.pending = True
+
+    def step(self) -> torch.Tensor | None:
+        """One update from the accumulated gradients; returns the gradient norm if clipped."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         all_reduce_grads(self.params)
@@ -93,5 +103,11 @@ class OwnStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return norm
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """One update from ``loss`` (a scalar); returns the gradient norm if clipped."""
+        self.zero_grad()
+        self.accumulate(loss)
+        return self.step()

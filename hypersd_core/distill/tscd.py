@@ -114,8 +114,7 @@ class ConsistencyStage:
         self.pred_type = backbone.prediction_type
         self.target = target  # callable(x, t, embeds) -> model output, or None for online
         self.discriminator = discriminator
-        if discriminator is not None:
-            discriminator.renoise_span = getattr(cfg, "adv_renoise_span", 0)
+        self.step = 0  # the trainer's optimizer step (begin_step): D and G turns alternate by it
         self.params: list[torch.nn.Parameter] = []
         self.ema: list[torch.Tensor] | None = None
 
@@ -142,16 +141,33 @@ class ConsistencyStage:
             for p, v in zip(self.params, live):
                 p.copy_(v)
 
+    @property
+    def adversarial(self):
+        """The adversarial term when it is on (TSCD and TCD; LCM's loss has none)."""
+        return (self.discriminator if self.cfg.adv_weight > 0 and self.cfg.stage != "lcm"
+                else None)
+
+    def begin_step(self, step: int) -> None:
+        """Trainer hook before the micro-batches of optimizer step ``step``."""
+        self.step = step
+        if self.adversarial is not None:
+            self.adversarial.begin_step()
+
     def after_step(self, step: int) -> dict[str, float]:
-        """After the student's update: EMA target update and the discriminator's own step."""
+        """After the student's update: EMA target update and the discriminator's own step
+        (from every micro-batch of the step that trained it)."""
         logs: dict[str, float] = {}
-        if self.ema is not None:
+        if self.ema is not None and not self._d_only(step):
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
                     e.lerp_(p.detach(), 1 - self.cfg.ema_decay)
-        if self.discriminator is not None and self.cfg.adv_weight > 0:
-            logs.update(self.discriminator.discriminator_step())
+        if self.adversarial is not None:
+            logs.update(self.adversarial.step())
         return logs
+
+    def _d_only(self, step: int) -> bool:
+        """A step that trains the discriminator only (PCM's even steps)."""
+        return self.adversarial is not None and self.adversarial.d_turn(step)
 
     def state_dict(self) -> dict:
         state: dict = {}
@@ -168,8 +184,10 @@ class ConsistencyStage:
         if "discriminator" in state and self.discriminator is not None:
             self.discriminator.load_state_dict(state["discriminator"])
 
-    def loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Per-sample generator loss [B] and logs for one batch of latents and prompts."""
+    def _forward(self, batch, generator: torch.Generator, student_grad: bool = True):
+        """The teacher's CFG step t_n -> t_{n-1}, the target's and the student's predictions."""
+        from types import SimpleNamespace
+
         from hypersd_core.models.lora import adapters_disabled
 
         cfg = self.cfg
@@ -196,40 +214,75 @@ class ConsistencyStage:
             g_x0, g_eps = S.predictions(target_out, x_prev, S.alpha_bar(self.ac, t_prev_in),
                                         self.pred_type)
             clean = (t_prev < 0).view(-1, *[1] * (x0.dim() - 1))
-        student_out = self.unet_out(x_n, t_n, batch.embeds)
+        with torch.set_grad_enabled(student_grad and torch.is_grad_enabled()):
+            student_out = self.unet_out(x_n, t_n, batch.embeds)
         s_x0, s_eps = S.predictions(student_out, x_n, a_n, self.pred_type)
+        return SimpleNamespace(x0=x0, x_n=x_n, t_n=t_n, a_n=a_n, t_prev=t_prev, t_prev_in=t_prev_in,
+                               x_prev=x_prev, g_x0=g_x0, g_eps=g_eps, clean=clean,
+                               s_x0=s_x0, s_eps=s_eps)
 
+    def _adversarial_pair(self, f, edge: torch.Tensor, x_end_target: torch.Tensor):
+        """(fake, real) at the segment edge: the student's jump, and the target's jump from
+        the teacher's step (PCM) or the training latents (adv_real=data)."""
+        a_edge = S.alpha_bar(self.ac, edge)
+        fake = S.ddim_jump(f.s_x0, f.s_eps, a_edge)
+        if self.adversarial.real == "data":
+            return fake, f.x0
+        real = x_end_target if self.cfg.t_end == "edge" else target_jump(
+            f.x_prev, f.g_x0, f.g_eps, f.t_prev, a_edge)
+        return fake, real
+
+    def loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor | None, dict]:
+        """Per-sample generator loss [B] and logs for one batch of latents and prompts;
+        None on a discriminator-only step (its loss is accumulated for ``after_step``)."""
+        cfg = self.cfg
+        d_only = self._d_only(self.step)
+        f = self._forward(batch, generator, student_grad=not d_only)
         logs: dict[str, float] = {}
         if cfg.stage == "lcm":
-            f_student = lcm_consistency(x_n, s_x0, t_n)
-            f_target = torch.where(clean, x_prev, lcm_consistency(x_prev, g_x0, t_prev_in))
+            f_student = lcm_consistency(f.x_n, f.s_x0, f.t_n)
+            f_target = torch.where(f.clean, f.x_prev, lcm_consistency(f.x_prev, f.g_x0, f.t_prev_in))
             loss = distance(f_student, f_target, cfg.distance, cfg.huber_c)
             logs["loss_consistency"] = loss.mean().item()
             return loss, logs
 
         k = 1 if cfg.stage == "tcd" else cfg.k
-        edge = S.segment_lower_edge(t_n, k, self.T)
-        t_end = sample_t_end(t_prev, edge, cfg.t_end, generator)
+        edge = S.segment_lower_edge(f.t_n, k, self.T)
+        t_end = sample_t_end(f.t_prev, edge, cfg.t_end, generator)
         a_end = S.alpha_bar(self.ac, t_end)
-        x_end_target = target_jump(x_prev, g_x0, g_eps, t_prev, a_end)
+        x_end_target = target_jump(f.x_prev, f.g_x0, f.g_eps, f.t_prev, a_end)
         scale_min = cfg.loss_scale_min if cfg.loss_scale == "x0" else 0.0
-        loss = tscd_loss(s_x0, s_eps, x_end_target, a_end, cfg.distance, cfg.huber_c,
-                         a_t=a_n, scale_min=scale_min)
+        loss = tscd_loss(f.s_x0, f.s_eps, x_end_target, a_end, cfg.distance, cfg.huber_c,
+                         a_t=f.a_n, scale_min=scale_min)
         logs["loss_consistency"] = loss.mean().item()
-        if self.discriminator is not None and cfg.adv_weight > 0:
-            a_edge = S.alpha_bar(self.ac, edge)
-            fake = S.ddim_jump(s_x0, s_eps, a_edge)  # the student's jump to the segment edge
-            adv, d_logs = self.discriminator.generator_loss(
-                fake, x0, edge, k, batch.embeds, generator)  # real: training latents
-            weight = cfg.adv_weight
-            if cfg.adv_dynamic:
-                ratio = adaptive_weight(loss.mean(), adv.mean(), self.last_layer(),
-                                        cfg.adv_dynamic_max)
-                weight = weight * ratio
-                d_logs["adv_dynamic_ratio"] = float(ratio)
-            loss = loss + weight * adv
-            logs.update(d_logs)
-        return loss, logs
+        adv = self.adversarial
+        if adv is None:
+            return loss, logs
+        fake, real = self._adversarial_pair(f, edge, x_end_target)
+        if not adv.g_turn(self.step) or adv.schedule == "joint":
+            adv.accumulate_d(fake, real, edge, k, batch.embeds, generator)
+        if d_only:
+            return None, logs
+        g, g_logs = adv.generator_loss(fake, edge, k, batch.embeds, generator)
+        weight = cfg.adv_weight
+        if cfg.adv_dynamic:
+            ratio = adaptive_weight(loss.mean(), g.mean(), self.last_layer(), cfg.adv_dynamic_max)
+            weight = weight * ratio
+            g_logs["adv_dynamic_ratio"] = float(ratio)
+        logs.update(g_logs)
+        return loss + weight * g, logs
+
+    @torch.no_grad()
+    def discriminator_check(self, batch, generator: torch.Generator) -> dict[str, float]:
+        """The discriminator's hinge loss and accuracies on a batch it does not train on."""
+        cfg = self.cfg
+        f = self._forward(batch, generator, student_grad=False)
+        k = 1 if cfg.stage == "tcd" else cfg.k
+        edge = S.segment_lower_edge(f.t_n, k, self.T)
+        a_edge = S.alpha_bar(self.ac, edge)
+        x_edge_target = target_jump(f.x_prev, f.g_x0, f.g_eps, f.t_prev, a_edge)
+        fake, real = self._adversarial_pair(f, edge, x_edge_target)
+        return self.adversarial.evaluate_d(fake, real, edge, k, batch.embeds, generator)
 
     def last_layer(self) -> torch.nn.Parameter:
         """The student's trainable tensor closest to the output (VQGAN's "last layer")."""

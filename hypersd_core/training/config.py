@@ -55,8 +55,10 @@ class StageConfig:
     ema_decay: float = 0.95
     adv_weight: float = 0.0
     adv_lr: float = 1e-5
-    adv_hidden: int = 64
-    adv_real: str = "data"  # the discriminator's "real": training latents noised to the edge
+    adv_hidden: int = 0  # width of the discriminator heads; 0: the feature map's channels (PCM)
+    adv_heads: int = 4  # heads per teacher feature map (PCM: 4 on each of 9 maps)
+    adv_real: str = "target"  # "target": the target's edge jump re-noised (PCM); "data": latents
+    adv_schedule: str = "alternate"  # "alternate": D on even steps, G on odd (PCM); "joint": both every step
     adv_dynamic: bool = False  # scale the adversarial term by VQGAN's last-layer grad-norm ratio
     adv_dynamic_max: float = 10.0  # clamp of that ratio
     adv_renoise_span: int = 0  # real/fake re-noised to t' in [edge, edge + span); 0: T/k
@@ -92,7 +94,11 @@ class StageConfig:
     dmd_weight: float = 1.0
     dmd_real_guidance: float = 4.0
     fake_lr: float = 1e-4
-    critic_steps: int = 5  # fake-score updates per generator update
+    critic_steps: int = 5  # fake-score optimizer steps per generator optimizer step (DMD2 TTUR)
+    dmd_cls_weight: float = 0.0  # DMD2's classifier on the fake score's bottleneck (guidance_cls_loss_weight)
+    dmd_gan_weight: float = 0.0  # the generator's GAN loss through that classifier (gen_cls_loss_weight)
+    dmd_cls_t_max: int = 0  # classifier inputs noised to t ~ U[0, t_max) (DMD2 diffusion_gan); 0: clean
+    dmd_cls_lr: float = 0.0  # the classifier head's learning rate; 0: fake_lr (DMD2's one rate)
     mse_weight: float = 0.0
     one_step_t: int = 999
     fake_rank: int = 16  # LoRA rank of the fake score (its alpha = rank)
@@ -138,7 +144,12 @@ class StageConfig:
         need(self.target in ("online", "ema"), f"target must be 'online' or 'ema', got {self.target!r}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.adv_weight >= 0, f"adv_weight must be >= 0, got {self.adv_weight}")
-        need(self.adv_real == "data", f"adv_real must be 'data', got {self.adv_real!r}")
+        need(self.adv_real in ("target", "data"),
+             f"adv_real must be 'target' or 'data', got {self.adv_real!r}")
+        need(self.adv_schedule in ("alternate", "joint"),
+             f"adv_schedule must be 'alternate' or 'joint', got {self.adv_schedule!r}")
+        need(self.adv_hidden >= 0 and self.adv_heads >= 1,
+             f"adv_hidden must be >= 0 and adv_heads >= 1, got {self.adv_hidden}, {self.adv_heads}")
         need(self.adv_dynamic_max > 0, f"adv_dynamic_max must be > 0, got {self.adv_dynamic_max}")
         need(0 <= self.adv_renoise_span <= 1000,
              f"adv_renoise_span must be in [0, 1000], got {self.adv_renoise_span}")
@@ -198,6 +209,15 @@ class StageConfig:
         need(self.multistep_max >= 2, f"multistep_max must be >= 2, got {self.multistep_max}")
         need(self.merge_scale >= 0, f"merge_scale must be >= 0, got {self.merge_scale}")
         need(self.critic_steps >= 1, f"critic_steps must be >= 1, got {self.critic_steps}")
+        need(self.dmd_cls_weight >= 0 and self.dmd_gan_weight >= 0,
+             f"dmd_cls_weight and dmd_gan_weight must be >= 0, got {self.dmd_cls_weight}, "
+             f"{self.dmd_gan_weight}")
+        need(self.dmd_gan_weight == 0 or self.dmd_cls_weight > 0,
+             "dmd_gan_weight > 0 needs dmd_cls_weight > 0 (the generator's GAN loss goes "
+             "through the classifier that dmd_cls_weight trains)")
+        need(0 <= self.dmd_cls_t_max <= 1000 and self.dmd_cls_lr >= 0,
+             f"dmd_cls_t_max must be in [0, 1000] and dmd_cls_lr >= 0, got {self.dmd_cls_t_max}, "
+             f"{self.dmd_cls_lr}")
         need(0 < self.one_step_t < 1000, f"one_step_t must be in (0, 1000), got {self.one_step_t}")
         for key in ("log_every", "sample_every", "checkpoint_every"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")

@@ -41,7 +41,9 @@ def make_stage(cfg: StageConfig, backbone):
         disc = None
         if cfg.adv_weight > 0:
             disc = AdversarialTerm(backbone.unet, backbone.alphas_cumprod.to(backbone.device).float(),
-                                   backbone.num_train_timesteps, cfg.adv_lr, cfg.adv_hidden)
+                                   backbone.num_train_timesteps, cfg.adv_lr, cfg.adv_hidden,
+                                   cfg.adv_heads, cfg.adv_real, cfg.adv_schedule, cfg.grad_accum,
+                                   cfg.adv_renoise_span)
         return ConsistencyStage(cfg, backbone, discriminator=disc)
     if cfg.stage == "feedback":
         from hypersd_core.distill.feedback import FeedbackStage
@@ -52,6 +54,17 @@ def make_stage(cfg: StageConfig, backbone):
 
         return DMDStage(cfg, backbone)
     raise ValueError(f"unknown stage {cfg.stage!r}")
+
+
+def schedule_period(cfg: StageConfig) -> int:
+    """Trainer steps in one period of a stage's schedule: DMD2's ``critic_steps`` (critic-only
+    steps, then a generator step), 2 for PCM's alternating adversarial term (a discriminator
+    step, then a student step), else 1. Stages count by the step given to ``begin_step``."""
+    if cfg.stage == "dmd":
+        return cfg.critic_steps
+    if cfg.stage in ("tscd", "tcd") and cfg.adv_weight > 0 and cfg.adv_schedule == "alternate":
+        return 2
+    return 1
 
 
 def sample_method(cfg: StageConfig) -> str:
@@ -326,6 +339,8 @@ def _train(run: Run, resume: bool) -> dict:
             generator = _step_generator(cfg, step, rank)
             logs: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(stage, "begin_step"):  # a stage's own optimisers count optimizer steps
+                stage.begin_step(step)
             total = torch.zeros((), device=accelerator.device)
             backpropagated = False  # the same on every process (a stage's schedule is by step)
             for _ in range(cfg.grad_accum):

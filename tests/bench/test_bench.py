@@ -140,8 +140,7 @@ def test_bench_every_stage_type(tiny_sdxl, tmp_path):
                              "tscd,tscd+adv,lcm,tcd,feedback,dmd,dmd-critic")
     stages = {r["stage"]: r for r in result["training"]}
     assert set(stages) == {"tscd", "tscd+adv", "lcm", "tcd", "feedback", "dmd", "dmd-critic"}
-    # the digits DMD preset updates the generator every step: no critic-only step to time
-    assert "critic_steps < 2" in stages.pop("dmd-critic")["skipped"]
+    # the digits DMD preset (DMD2's two time scales) has critic-only steps to time
     for name, r in stages.items():
         assert "skipped" not in r, (name, r)
         assert r["ratio"] > 0 and r["samples_per_s"] > 0 and r["memory"]["peak_mb"] > 0

@@ -32,8 +32,9 @@ def test_smoke_steps(stages, tmp_path):
     for name in stages:
         row = m[f"smoke_{name}"]
         assert row["loss_finite"] is True and row["peak_mb"] > 0, (name, row)
-        # DMD runs critic-only at step 1, both updates at step 2
-        assert row["generator_steps"] == (1 if name == "dmd" else 2), (name, row)
+        # DMD runs critic-only at step 1, both updates at step 2; the adversarial term (PCM)
+        # the discriminator only at step 1, the student at step 2
+        assert row["generator_steps"] == (1 if name in ("dmd", "tscd_adv") else 2), (name, row)
     assert m["smoke_tscd_adv"]["adv_weight"] > 0 and m["smoke_dmd"]["stage"] == "dmd"
     assert m["smoke_dmd"]["rewards"].startswith("stand-in")  # the preset's rewards, stood in
 

@@ -84,7 +84,8 @@ def test_onestep_unet_stage_trains_every_weight_and_keeps_the_teacher():
     from hypersd_core.training.data import DigitsData
 
     torch.manual_seed(0)
-    cfg = load_preset("digits-dmd", {"one_step_t": 800, "multistep_prob": 0.0, "batch_size": 4})
+    cfg = load_preset("digits-dmd", {"one_step_t": 800, "multistep_prob": 0.0, "batch_size": 4,
+                                     "mse_weight": 1.0})
     backbone = load_backbone("digits")
     teacher_before = {k: v.clone() for k, v in backbone.unet.state_dict().items()}
     student = fused_student(None)

@@ -211,3 +211,32 @@ def test_a_training_checkpoint_is_copied_in_the_final_adapter_form(tmp_path):
     copy_adapter(final, tmp_path / "b.safetensors")
     assert list(load_file(str(tmp_path / "a.safetensors"))) == ["unet.down_blocks.0.proj_in.lora_A.weight"]
     assert list(load_file(str(tmp_path / "b.safetensors"))) == ["unet.down_blocks.0.proj_in.lora_A.weight"]
+
+
+def test_faithful_stage_rows_have_equal_budgets():
+    """DMD2 with and without rewards, PCM's real = target vs data, and the paper's TSCD
+    choices: each pair differs in its one setting only (steps, batch, rank, parent)."""
+    runs = {r.name: r for r in protocol_runs()}
+    cfg = {n: load_preset(runs[n].preset, list(runs[n].overrides)) for n in runs}
+
+    def budget(n):
+        return (cfg[n].steps, cfg[n].batch_size, cfg[n].grad_accum, cfg[n].lora_rank)
+
+    pairs = [("dmd", "dmd-nofb"), ("k2", "k2-advdata"), ("k1", "k1-advdata"),
+             ("k2", "k2-advoff"), ("k8", "k8-tuniform"), ("k8", "k8-perturb")]
+    for a, b in pairs:
+        assert budget(a) == budget(b), (a, b)
+    assert runs["dmd"].parent == runs["dmd-nofb"].parent == "k1-direct"
+    assert cfg["dmd"].rewards and not cfg["dmd-nofb"].rewards  # rewards truly off
+    assert cfg["dmd"].lora_rank == cfg["lcm"].lora_rank == cfg["k1-direct"].lora_rank == 16
+    assert cfg["dmd"].dmd_cls_weight > 0 and cfg["dmd"].critic_steps > 1  # DMD2: GAN + TTUR
+    assert (cfg["k2"].adv_real, cfg["k2-advdata"].adv_real) == ("target", "data")
+    assert (cfg["k8"].t_end, cfg["k8-tuniform"].t_end) == ("edge", "uniform")
+    assert (cfg["k8"].offset_noise, cfg["k8-perturb"].offset_noise) == (0.0, 0.1)
+    assert all(cfg[f"k{k}"].lr == 1e-3 for k in (8, 4, 2, 1))  # the search's choice
+    # the search: three points per method, the preset's own being the main run
+    from hypersd_core.digits.protocol import LR_POINTS, PRESET_LR
+    for name in ("lcm", "tcd", "k8"):
+        swept = {r.name for r in runs.values() if r.name.startswith(f"{name}-lr")}
+        assert swept == {f"{name}-lr{p}" for p in LR_POINTS if p != PRESET_LR[name]}
+        assert float(PRESET_LR[name]) == cfg[name].lr

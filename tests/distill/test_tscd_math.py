@@ -7,7 +7,12 @@ import torch
 
 from hypersd_core.distill import schedule as S
 from hypersd_core.distill import tscd
-from hypersd_core.distill.adversarial import hinge_d_loss, hinge_g_loss, renoise_time
+from hypersd_core.distill.adversarial import (
+    hinge_d_loss,
+    hinge_g_loss,
+    mean_over_maps,
+    renoise_time,
+)
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +176,26 @@ def test_offset_noise():
 def test_hinge_losses_and_renoise_time():
     real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
     assert hinge_d_loss(real, fake).tolist() == [0.0, 2.5]
-    assert hinge_g_loss(fake).tolist() == [2.0, -0.5]
+    assert hinge_g_loss(fake).tolist() == [3.0, 0.5]  # PCM's relu(1 - D), not -D
+    assert hinge_g_loss(torch.tensor([1.5])).tolist() == [0.0]  # no push beyond the margin
     g = torch.Generator().manual_seed(0)
     edge = torch.tensor([749, 499, -1] * 100)
     t = renoise_time(edge, 4, 1000, g)
     assert (t >= edge.clamp(min=0)).all() and (t < edge.clamp(min=0) + 250).all() and (t < 1000).all()
+
+
+def test_hinge_is_per_pixel_not_on_pooled_logits():
+    """PCM applies the hinge to every pixel of every head's map, then averages: a map that
+    is confidently right on half its pixels and wrong on the other half costs more than
+    the hinge of its pooled logit (which is 0, exactly at the margin's middle)."""
+    real = torch.tensor([3.0, 3.0, -3.0, -3.0]).view(1, 1, 2, 2)
+    fake = -real
+    per_pixel = mean_over_maps([hinge_d_loss(real, fake)])
+    pooled = hinge_d_loss(real.mean((1, 2, 3)), fake.mean((1, 2, 3)))
+    assert per_pixel.tolist() == [4.0]  # (0 + 0 + 8 + 8) / 4
+    assert pooled.tolist() == [2.0]
+    g_per_pixel = mean_over_maps([hinge_g_loss(fake)])
+    assert g_per_pixel.tolist() == [2.0] and hinge_g_loss(fake.mean((1, 2, 3))).tolist() == [1.0]
+    # several heads: the mean of the heads' per-sample means
+    two = mean_over_maps([torch.ones(3, 1, 2, 2), torch.zeros(3, 1, 4, 4)])
+    assert two.tolist() == [0.5, 0.5, 0.5]
