@@ -196,7 +196,7 @@ def chain_configs(model: str, data: str, steps: int = 0,
 
 
 def start_chain(model: str, data: str, steps: int, settings: AppSettings) -> tuple[Run, str]:
-    """Queue the chain 8 -> 4 -> 2 -> 1 -> feedback -> DMD (the stages that have presets)."""
+    """Queue the chain 8 -> 4 -> 2 -> 1 -> DMD (the stages that have presets)."""
     _require_training(settings)
     configs, note = chain_configs(model, data, steps)
     runs, msg = start_runs(configs, settings)

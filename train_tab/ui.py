@@ -75,7 +75,7 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         resume_btn = gr.Button("Resume", interactive=not disabled)
         chain_steps = gr.Number(0, precision=0, minimum=0, label="Chain: steps per stage (0: presets')",
                                 interactive=not disabled)
-        chain_btn = gr.Button("Chain 8 → 4 → 2 → 1 → feedback → DMD", interactive=not disabled)
+        chain_btn = gr.Button("Chain 8 → 4 → 2 → 1 → DMD", interactive=not disabled)
     action_md = gr.Markdown()
     with gr.Row():
         run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,

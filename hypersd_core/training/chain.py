@@ -1,4 +1,4 @@
-"""Chains of runs (TSCD 8 -> 4 -> 2 -> 1 -> feedback -> DMD) and the device queue.
+"""Chains of runs (TSCD 8 -> 4 -> 2 -> 1 -> DMD) and the device queue.
 
 A chain is a list of run folders created up front (so every stage is visible at
 once); stage i starts from stage i-1's ``final/`` adapter. A driver process
@@ -29,8 +29,10 @@ from hypersd_core.training.config import StageConfig, load_preset
 from hypersd_core.training.runs import Run, active_run, launch, pid_alive
 
 LOCK_NAME = ".device.lock"
+# DMD (rank 16, its own feedback rewards) starts from k=1; the separate feedback stage's
+# merged adapter is rank 32 and is its own row (digits-feedback from k=1)
 CHAIN_PRESETS = ("digits-tscd-k8", "digits-tscd-k4", "digits-tscd-k2", "digits-tscd-k1",
-                 "digits-feedback", "digits-dmd")
+                 "digits-dmd")
 
 
 def run_label(cfg: StageConfig) -> str:
