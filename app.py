@@ -35,6 +35,7 @@ from hypersd_core.study.store import StudyConfig, StudyStore
 from train_tab import build_rewards_tab, build_train_tab
 from train_tab import controller as train_ctl
 from ui_common.display import APP_CSS
+from ui_common.guard import guard, limit_queue_per_client
 
 TITLE = "Hyper-SD Studio"
 
@@ -68,7 +69,8 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
             return (gr.Timer(active=evt.value == "Train & Monitor"),
                     gr.Timer(active=evt.value == "Rewards"))
 
-        tabs.select(poll_only_shown, None, [train.timer, rewards_timer],
+        tabs.select(guard(poll_only_shown, "public", settings), None,
+                    [train.timer, rewards_timer], api_name="tab_select",
                     api_visibility="private", show_progress="hidden", concurrency_limit=None)
 
         def reattach():
@@ -76,7 +78,8 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
             return gr.Dropdown(choices=train_ctl.run_choices(settings),
                                value=train_ctl.default_run(settings) or None)
 
-        demo.load(reattach, None, train.run, api_visibility="private")
+        demo.load(guard(reattach, "public", settings), None, train.run, api_name="reattach",
+                  api_visibility="private")
 
         def compare_this_run(run_id: str | None):
             """Open the Compare grid with the run as a row beside the methods."""
@@ -90,9 +93,11 @@ def build_demo(settings: AppSettings, service: ModelService | None = None,
                     gr.Timer(active=False))
 
         compare.then_compare(train.compare_run.click(
-            compare_this_run, train.run, [tabs, compare.rows, train.timer],
+            guard(compare_this_run, "public", settings), train.run,
+            [tabs, compare.rows, train.timer], api_name="compare_this_run",
             api_visibility="private"))
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
+    limit_queue_per_client(demo, settings)  # one client cannot fill the queue
     demo.hypersd = {"settings": settings, "service": service, "store": store}  # for tests
     return demo
 
@@ -113,7 +118,7 @@ def launch_kwargs(settings: AppSettings) -> dict:
     return {"server_name": settings.host, "server_port": settings.port, "share": False,
             "enable_monitoring": False, "max_file_size": settings.max_file_size,
             "allowed_paths": [], "blocked_paths": blocked_paths(settings), "ssr_mode": False,
-            "show_error": True, "footer_links": ["api"], "css": APP_CSS,
+            "show_error": False, "footer_links": ["api"], "css": APP_CSS,
             # study voters are identified by a server-signed cookie (compare_tab/study.py)
             "app_kwargs": {"middleware": [study_middleware(settings)]}}
 

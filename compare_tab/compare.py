@@ -34,6 +34,7 @@ from hypersd_core.app.service import (
 from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
 from ui_common.display import enlarge, image_classes, img_tag
+from ui_common.guard import guard
 
 from .exports import compare_files
 
@@ -239,15 +240,21 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
         n = arm.steps or RECIPES[arm.recipe].default_steps
         return arm.recipe, gr.Slider(value=n), _recipe_text(arm.recipe, n)
 
-    method.input(on_method, [method, steps], [steps, recipe_md], api_visibility="private")
-    adapter.input(on_adapter, [adapter, method, steps], [method, steps, recipe_md],
+    def refresh_adapters():
+        return gr.Dropdown(choices=adapter_choices(settings))
+
+    # every event: a role checked on the server and an explicit name (ui_common/guard.py)
+    method.input(guard(on_method, "public", settings), [method, steps], [steps, recipe_md],
+                 api_name="generate_method", api_visibility="private")
+    adapter.input(guard(on_adapter, "public", settings), [adapter, method, steps],
+                  [method, steps, recipe_md], api_name="generate_adapter",
                   api_visibility="private")
-    refresh.click(lambda: gr.Dropdown(choices=adapter_choices(settings)), None, adapter,
-                  api_visibility="private")
-    steps.change(_recipe_text, [method, steps], recipe_md, api_visibility="private",
-                 show_progress="hidden")
-    go.click(generate, [prompt, method, steps, seed, adapter], [image, info], api_name="generate",
-             **GPU)
+    refresh.click(guard(refresh_adapters, "public", settings), None, adapter,
+                  api_name="generate_adapters", api_visibility="private")
+    steps.change(guard(_recipe_text, "public", settings), [method, steps], recipe_md,
+                 api_name="generate_recipe", api_visibility="private", show_progress="hidden")
+    go.click(guard(generate, "public", settings), [prompt, method, steps, seed, adapter],
+             [image, info], api_name="generate", **GPU)
 
 
 def adapter_choices(settings: AppSettings) -> list[tuple[str, str]]:
@@ -366,17 +373,24 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
         return None
 
     after = [left, right, grid_view, csv_file, png_file]
-    go.click(compare, [prompts, seed, loras, rewards, recipe],
+    def refresh_rows(rows_v):
+        return gr.CheckboxGroup(choices=row_choices(settings), value=rows_v)
+
+    go.click(guard(compare, "public", settings), [prompts, seed, loras, rewards, recipe],
              [reference, gallery, table, summary, images], api_name="compare", **GPU
-             ).then(fill_pickers, images, after, api_visibility="private")
-    refresh.click(lambda v: gr.CheckboxGroup(choices=row_choices(settings), value=v), loras,
-                  loras, api_visibility="private")
+             ).then(guard(fill_pickers, "public", settings), images, after,
+                    api_name="compare_pickers", api_visibility="private")
+    refresh.click(guard(refresh_rows, "public", settings), loras, loras,
+                  api_name="compare_rows", api_visibility="private")
 
     def then_compare(event):
         """Run the grid (with the rows picker's value) after ``event`` succeeds."""
-        return event.success(compare, [prompts, seed, loras, rewards, recipe],
-                          [reference, gallery, table, summary, images], api_visibility="private",
-                          **GPU).then(fill_pickers, images, after, api_visibility="private")
+        return event.success(guard(compare, "public", settings),
+                             [prompts, seed, loras, rewards, recipe],
+                             [reference, gallery, table, summary, images],
+                             api_name="compare_after", api_visibility="private", **GPU
+                             ).then(guard(fill_pickers, "public", settings), images, after,
+                                    api_name="compare_after_pickers", api_visibility="private")
 
     from .control import build_control_block, control_from_inputs
 
@@ -392,10 +406,13 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
                                                     recipe=recipe_v)
         return ref, cells, frame, text, imgs, control
 
-    go_control.click(compare_control, [prompts, seed, loras, rewards, sketch, pick, scale, recipe],
+    go_control.click(guard(compare_control, "public", settings),
+                     [prompts, seed, loras, rewards, sketch, pick, scale, recipe],
                      [reference, gallery, table, summary, images, preview],
                      api_name="compare_control", **GPU
-                     ).then(fill_pickers, images, after, api_visibility="private")
-    for picker in (left, right):
-        picker.change(slide, [images, left, right], slider, api_visibility="private")
+                     ).then(guard(fill_pickers, "public", settings), images, after,
+                            api_name="compare_control_pickers", api_visibility="private")
+    for side, picker in (("left", left), ("right", right)):
+        picker.change(guard(slide, "public", settings), [images, left, right], slider,
+                      api_name=f"compare_slide_{side}", api_visibility="private")
     return CompareTab(loras, then_compare)

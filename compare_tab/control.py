@@ -8,6 +8,7 @@ from PIL import Image
 
 from hypersd_core.models.controlnet import mask_image, sketch_to_mask
 from hypersd_core.worlds import digits
+from ui_common.guard import BoundedSketchpad
 
 NUM_HELDOUT_CHOICES = 24
 NO_MASK = "(use the drawing)"
@@ -48,8 +49,8 @@ def build_control_block():
     with gr.Accordion("Control: draw a digit or pick a held-out mask (digits ControlNet)",
                       open=False):
         with gr.Row():
-            sketch = gr.Sketchpad(label="Draw a digit", type="pil", height=256, width=256,
-                                  canvas_size=(256, 256))
+            sketch = BoundedSketchpad(label="Draw a digit", type="pil", height=256, width=256,
+                                      canvas_size=(256, 256))
             with gr.Column():
                 pick = gr.Dropdown(heldout_choices(), value=NO_MASK,
                                    label="...or a held-out digit's ink mask")

@@ -23,9 +23,10 @@ from http.cookies import SimpleCookie
 import gradio as gr
 from PIL import Image
 
+from hypersd_core.app.access import client_address
 from hypersd_core.app.arms import Arm, ArmError, arm_choices, resolve_arm
 from hypersd_core.app.service import AppSettings, ModelService, default_adapter_name
-from hypersd_core.app.zerogpu import gpu, on_space
+from hypersd_core.app.zerogpu import gpu
 from hypersd_core.study.config import derive_key, resolve_salt
 from hypersd_core.study.provenance import code_version, weights_hash
 from hypersd_core.study.store import (
@@ -36,6 +37,7 @@ from hypersd_core.study.store import (
     StudyConfig,
     StudyStore,
 )
+from ui_common.guard import guard
 
 CHOICE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 COOKIE = "hypersd_voter"
@@ -105,17 +107,15 @@ def study_middleware(settings: AppSettings):
     return Middleware(VoterCookieMiddleware, cookies=VoterCookies(resolve_salt(settings.study_db)))
 
 
-def client_ip(request: gr.Request | None) -> str | None:
-    """The client's address: X-Forwarded-For's first entry on a Space (its proxy sets it),
-    else the socket peer. Only used, hashed, for rate limits."""
+def client_ip(request: gr.Request | None, trusted_proxies: int = 0) -> str | None:
+    """The client's address: the socket peer, or behind ``trusted_proxies`` proxies the
+    X-Forwarded-For entry they wrote (counted from the right: entries a client writes
+    itself are never read). Only used, hashed, for rate limits."""
     if request is None:
         return None
-    if on_space():
-        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
     client = getattr(request, "client", None)
-    return getattr(client, "host", None) or None
+    return client_address(getattr(request, "headers", None), getattr(client, "host", None),
+                          trusted_proxies)
 
 
 def identify(request: gr.Request | None, profile, cookies: VoterCookies,
@@ -295,9 +295,11 @@ class StudyHandlers:
             return ("No pair on screen: press **Show a pair** first.", None, *off)
         try:
             vote = self.store.record_vote(
-                token, choice, who[0], who[1], ip=client_ip(request),
+                token, choice, who[0], who[1],
+                ip=client_ip(request, self.settings.trusted_proxies if self.settings else 0),
                 new_voters_per_hour=self.config.new_voters_per_ip_per_hour,
-                votes_per_minute=self.config.votes_per_ip_per_minute)
+                votes_per_minute=self.config.votes_per_ip_per_minute,
+                votes_per_voter=self.config.votes_per_voter)
         except InvalidToken as err:
             gr.Warning(f"Vote rejected: {err}.")
             return (f"Vote rejected: {err}.", None, *off)
@@ -350,14 +352,20 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
             raise gr.Error("the study's arms are fixed in a public app (study.yaml)")
         return handlers.use_arms(keys)
 
-    use.click(on_use, arms, arms_md, api_visibility="private")
-    refresh.click(lambda v: gr.CheckboxGroup(choices=_arm_choices(settings, config), value=v),
-                  arms, arms, api_visibility="private")
+    def refresh_arms(arms_v):
+        return gr.CheckboxGroup(choices=_arm_choices(settings, config), value=arms_v)
+
+    # the arms are the study owner's to set (refused on a public app, on the server)
+    use.click(guard(on_use, "owner", settings), arms, arms_md, api_name="study_arms",
+              api_visibility="private")
+    refresh.click(guard(refresh_arms, "public", settings), arms, arms,
+                  api_name="study_arm_list", api_visibility="private")
 
     def show_pair(request: gr.Request, profile: gr.OAuthProfile | None):
         return handlers.next_pair(request, profile)
 
-    show.click(gpu(show_pair), None, [left, right, pair_md, reveal, token, *buttons.values()],
+    show.click(guard(gpu(show_pair), "public", settings), None,
+               [left, right, pair_md, reveal, token, *buttons.values()], api_name="study_show",
                concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 
     def make_vote(choice: str):
@@ -366,7 +374,8 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
         return handler
 
     for choice, btn in buttons.items():
-        btn.click(make_vote(choice), token, [reveal, token, *buttons.values()],
+        btn.click(guard(make_vote(choice), "public", settings), token,
+                  [reveal, token, *buttons.values()], api_name=f"study_vote_{choice}",
                   api_visibility="private", concurrency_limit=None)
     return handlers
 

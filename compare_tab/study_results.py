@@ -16,6 +16,7 @@ from hypersd_core.study.export import columns_markdown
 from hypersd_core.study.results import StudyResults, analyse, strength_figure
 from hypersd_core.study.stats import Options
 from hypersd_core.study.store import StudyConfig, StudyStore
+from ui_common.guard import guard
 
 N_BOOT = 1000
 
@@ -63,9 +64,14 @@ def export(store: StudyStore) -> list[str]:
 
 def build_study_results_tab(settings: AppSettings, store: StudyStore, config: StudyConfig,
                             tab: gr.Tab | None = None) -> None:
-    """The results view; recomputed on opening the tab and on Update."""
+    """The results view; recomputed on opening the tab and on Update. Every event here is
+    for the study owner (hypersd_core/app/access.py): checked on the server."""
     gr.Markdown("Strengths compare methods **within a step count**; the Study results are "
-                "kept apart from the voting tab so that voters do not see them while voting.")
+                "kept apart from the voting tab so that voters do not see them while voting. "
+                "They are for the study owner: on the machine the app runs on, or with the "
+                "owner token.")
+    owner_token = gr.Textbox(label="Owner token (HYPERSD_STUDY_OWNER_TOKEN; not needed on "
+                             "the machine the app runs on)", type="password", max_lines=1)
     with gr.Row():
         cluster = gr.Radio(["voter", "prompt"], value="voter", label="Resample whole")
         rule = gr.Radio(["tie", "exclude"], value=config.both_bad,
@@ -91,7 +97,7 @@ def build_study_results_tab(settings: AppSettings, store: StudyStore, config: St
     with gr.Accordion("CSV columns", open=False):
         gr.Markdown(columns_markdown())
 
-    def refresh(cluster_v: str, rule_v: str, login_v: bool):
+    def refresh(token_v: str, cluster_v: str, rule_v: str, login_v: bool):
         res = compute(store, config, cluster_v, rule_v, bool(login_v))
         fig = strength_figure(res.strengths)
         return (summary_markdown(res), fig, _rounded(res.strengths),
@@ -101,8 +107,15 @@ def build_study_results_tab(settings: AppSettings, store: StudyStore, config: St
                 _rounded(res.anchored, "no anchor pairs (set anchor in study.yaml)"))
 
     outputs = [summary, plot, strengths, primary, wins, position, sensitivity, anchored]
-    inputs = [cluster, rule, login_only]
-    update.click(refresh, inputs, outputs, api_visibility="private")
+    def export_files(token_v: str):
+        return export(store)
+
+    inputs = [owner_token, cluster, rule, login_only]
+    owner = {"api_visibility": "private"}
+    update.click(guard(refresh, "owner", settings, token_arg=0), inputs, outputs,
+                 api_name="study_results", **owner)
     if tab is not None:
-        tab.select(refresh, inputs, outputs, api_visibility="private")
-    go_export.click(lambda: export(store), None, files, api_visibility="private")
+        tab.select(guard(refresh, "owner", settings, token_arg=0), inputs, outputs,
+                   api_name="study_results_tab", **owner)
+    go_export.click(guard(export_files, "owner", settings, token_arg=0), owner_token, files,
+                    api_name="study_export", **owner)

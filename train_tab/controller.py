@@ -137,7 +137,7 @@ def find_run(run_id: str, settings: AppSettings) -> Run:
     for run in list_runs(settings.runs_dir):
         if run.dir.name == run_id:
             return run
-    raise ControlError(f"no run named {run_id!r} under {settings.runs_dir}")
+    raise ControlError(f"no run named {run_id!r} under {settings.runs_dir.name}/")
 
 
 def start_runs(configs: list[StageConfig], settings: AppSettings) -> tuple[list[Run], str]:

@@ -13,6 +13,7 @@ from hypersd_core.app.service import AppSettings, ModelService
 from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
 from ui_common.display import enlarge, image_classes
+from ui_common.guard import guard
 
 from . import controller as ctl
 
@@ -57,12 +58,19 @@ def build_rewards_tab(settings: AppSettings, service: ModelService,
             return gr.skip(), p.offset, records_v
         return ctl.plots_html(records_v)[1], p.offset, records_v
 
-    timer.tick(on_tick, [run, offset, records], [plot, offset, records],
-               api_visibility="private", show_progress="hidden")
-    run.change(lambda r: on_tick(r, 0, [], True), run, [plot, offset, records],
-               api_visibility="private", show_progress="hidden")
-    train_run.change(lambda r: gr.Dropdown(choices=ctl.run_choices(settings), value=r),
-                     train_run, run, api_visibility="private", show_progress="hidden")
+    def on_select(run_id):
+        return on_tick(run_id, 0, [], True)
+
+    def follow(run_id):
+        return gr.Dropdown(choices=ctl.run_choices(settings), value=run_id)
+
+    timer.tick(guard(on_tick, "public", settings), [run, offset, records], [plot, offset, records],
+               api_name="rewards_poll", api_visibility="private", show_progress="hidden")
+    run.change(guard(on_select, "public", settings), run, [plot, offset, records],
+               api_name="rewards_select_run", api_visibility="private", show_progress="hidden")
+    train_run.change(guard(follow, "public", settings), train_run, run,
+                     api_name="rewards_follow_run", api_visibility="private",
+                     show_progress="hidden")
 
     gr.Markdown("### Score these images")
     offered = reward_choices()
@@ -111,7 +119,8 @@ def build_rewards_tab(settings: AppSettings, service: ModelService,
         shown = [(enlarge(im), f"{i} · {p}") for i, (im, p) in enumerate(zip(images, prompts_l), 1)]
         return shown, frame, msg
 
-    score_btn.click(on_score, [source, rewards, method, steps, seed, prompts, uploads],
-                    [gallery, table, note], concurrency_id="gpu", concurrency_limit=1,
-                    api_visibility="private")
+    score_btn.click(guard(on_score, "public", settings),
+                    [source, rewards, method, steps, seed, prompts, uploads],
+                    [gallery, table, note], api_name="score", concurrency_id="gpu",
+                    concurrency_limit=1, api_visibility="private")
     return timer

@@ -13,6 +13,7 @@ from hypersd_core.training.curves import overlay
 from hypersd_core.training.export import export_run
 from hypersd_core.training.runs import list_runs
 from ui_common.display import image_classes
+from ui_common.guard import guard
 
 from . import controller as ctl
 
@@ -119,13 +120,25 @@ def build_run_tools(settings: AppSettings, run: gr.Dropdown, timer: gr.Timer) ->
         return (gr.Slider(maximum=max(n, 1), value=value),
                 grid_view(run_id, value, settings) if follow else gr.skip(), n)
 
-    run.change(on_run, run, [index, grid, count, runs, files], api_visibility="private",
-               show_progress="hidden")
-    timer.tick(on_tick, [run, index, count], [index, grid, count], api_visibility="private",
-               show_progress="hidden")
-    index.release(lambda r, i: grid_view(r, i, settings), [run, index], grid,
-                  api_visibility="private", show_progress="hidden")
-    for comp in (runs, weight):
-        comp.change(lambda r, w: overlay_html(r, w, settings), [runs, weight], plot,
-                    api_visibility="private", show_progress="hidden")
-    prepare.click(lambda r: run_files(r, settings), run, files, api_visibility="private")
+    def on_index(run_id, index_v):
+        return grid_view(run_id, index_v, settings)
+
+    def on_overlay(run_ids, weight_v):
+        return overlay_html(run_ids, weight_v, settings)
+
+    def on_prepare(run_id):
+        return run_files(run_id, settings)
+
+    # reading finished runs is public (a Space shows them); guard: ui_common/guard.py
+    run.change(guard(on_run, "public", settings), run, [index, grid, count, runs, files],
+               api_name="runs_select", api_visibility="private", show_progress="hidden")
+    timer.tick(guard(on_tick, "public", settings), [run, index, count], [index, grid, count],
+               api_name="runs_poll", api_visibility="private", show_progress="hidden")
+    index.release(guard(on_index, "public", settings), [run, index], grid,
+                  api_name="runs_grid", api_visibility="private", show_progress="hidden")
+    for key, comp in (("runs", runs), ("weight", weight)):
+        comp.change(guard(on_overlay, "public", settings), [runs, weight], plot,
+                    api_name=f"runs_overlay_{key}", api_visibility="private",
+                    show_progress="hidden")
+    prepare.click(guard(on_prepare, "public", settings), run, files, api_name="runs_files",
+                  api_visibility="private")

@@ -10,9 +10,11 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from hypersd_core.app.access import scrub_paths
 from hypersd_core.app.choices import data_choices, model_choices
 from hypersd_core.app.service import AppSettings
 from ui_common.display import enlarge, image_classes, is_small, retile
+from ui_common.guard import guard
 
 from . import controller as ctl
 from .run_tools import build_run_tools
@@ -109,12 +111,19 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         checked = ctl.check_settings(text, model_v, init_v or "", data_v, settings)
         return checked.message, checked.resolved
 
+    def on_preset(preset_v):
+        return ctl.preset_text(preset_v) if preset_v else ""
+
+    # every control below is refused on the server while training is off (--public, a
+    # Space): role "training" in hypersd_core/app/access.py
     check_inputs = [editor, model, init, data]
-    stage.change(on_stage, stage, [preset, editor], api_visibility="private")
-    preset.input(lambda p: ctl.preset_text(p) if p else "", preset, editor,
-                 api_visibility="private")
-    for comp in (editor, model, init, data):
-        comp.change(on_check, check_inputs, [check_md, resolved], api_visibility="private",
+    stage.change(guard(on_stage, "training", settings), stage, [preset, editor],
+                 api_name="train_stage", api_visibility="private")
+    preset.input(guard(on_preset, "training", settings), preset, editor,
+                 api_name="train_preset", api_visibility="private")
+    for key, comp in (("settings", editor), ("model", model), ("init", init), ("data", data)):
+        comp.change(guard(on_check, "training", settings), check_inputs, [check_md, resolved],
+                    api_name=f"train_check_{key}", api_visibility="private",
                     trigger_mode="always_last", show_progress="hidden")
 
     def refresh_runs(selected):
@@ -128,8 +137,9 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         try:
             return fn(*args)
         except ctl.ControlError as err:
-            gr.Warning(str(err)[:300])
-            return None, str(err)
+            msg = scrub_paths(str(err))  # no server folders in what the page shows
+            gr.Warning(msg[:300])
+            return None, msg
 
     def on_start(text, model_v, init_v, data_v):
         new_run, msg = act(ctl.start, text, model_v, init_v or "", data_v, settings)
@@ -152,12 +162,16 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         value = new_run.dir.name if new_run is not None else gr.skip()
         return msg, gr.Dropdown(choices=choices, value=value)
 
-    start_btn.click(on_start, check_inputs, [action_md, run], api_visibility="private")
-    chain_btn.click(on_chain, [model, data, chain_steps], [action_md, run],
-                    api_visibility="private")
-    stop_btn.click(on_stop, run, action_md, api_visibility="private")
-    resume_btn.click(on_resume, run, action_md, api_visibility="private")
-    refresh.click(refresh_runs, run, [run, init], api_visibility="private")
+    start_btn.click(guard(on_start, "training", settings), check_inputs, [action_md, run],
+                    api_name="train_start", api_visibility="private")
+    chain_btn.click(guard(on_chain, "training", settings), [model, data, chain_steps],
+                    [action_md, run], api_name="train_chain", api_visibility="private")
+    stop_btn.click(guard(on_stop, "training", settings), run, action_md,
+                   api_name="train_stop", api_visibility="private")
+    resume_btn.click(guard(on_resume, "training", settings), run, action_md,
+                     api_name="train_resume", api_visibility="private")
+    refresh.click(guard(refresh_runs, "public", settings), run, [run, init],
+                  api_name="train_runs", api_visibility="private")
 
     poll_outputs = [status_md, loss_plot, reward_plot, lr_plot, sample, log, offset, records,
                     sample_name]
@@ -166,16 +180,17 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         out = tick(settings, run_id, offset_v, records_v, sample_v)
         return (*out, *_relabel(settings, run_id, labels_v))
 
-    timer.tick(on_tick, [run, offset, records, sample_name, labels], [*poll_outputs, run, labels],
-               api_visibility="private", show_progress="hidden")
+    timer.tick(guard(on_tick, "public", settings), [run, offset, records, sample_name, labels],
+               [*poll_outputs, run, labels], api_name="train_poll", api_visibility="private",
+               show_progress="hidden")
 
     def on_select(run_id):
         out = tick(settings, run_id, 0, [], "", force=True)
         cfg = ctl.resolved_config(run_id, settings) if run_id else ""
         return (*out, cfg)
 
-    run.change(on_select, run, [*poll_outputs, run_config], api_visibility="private",
-               show_progress="hidden")
+    run.change(guard(on_select, "public", settings), run, [*poll_outputs, run_config],
+               api_name="train_select_run", api_visibility="private", show_progress="hidden")
     build_run_tools(settings, run, timer)
     return TrainTab(run, offset, records, sample_name, poll_outputs, timer, compare_run)
 

@@ -43,6 +43,9 @@ class AppSettings:
     port: int = 7860
     max_file_size: str = "10mb"
     queue_size: int = 32
+    queue_per_client: int = 4  # waiting calls one client (address) may hold in the queue
+    trusted_proxies: int = 0  # proxies whose X-Forwarded-For entry is trusted (access.py)
+    owner_token: str = field(default="", repr=False)  # the study owner's token (results, export)
     extra_models: list[str] = field(default_factory=list)
 
     @classmethod
@@ -60,6 +63,9 @@ class AppSettings:
             public=on_space() or env.get("HYPERSD_PUBLIC", "") in ("1", "true", "yes"),
             host=env.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_space() else "127.0.0.1"),
             port=int(env.get("GRADIO_SERVER_PORT", "7860")),
+            trusted_proxies=_int_env("HYPERSD_TRUSTED_PROXIES", 1 if on_space() else 0),
+            queue_per_client=_int_env("HYPERSD_QUEUE_PER_CLIENT", 4, low=1),
+            owner_token=env.get("HYPERSD_STUDY_OWNER_TOKEN", ""),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -79,6 +85,20 @@ class AppSettings:
             return ("Training is off because the app was started with --public: anyone could "
                     "start processes. Restart without --public to train.")
         return ""
+
+
+def _int_env(name: str, default: int, low: int = 0) -> int:
+    """An integer env var, with one clear error when it is not one."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer >= {low}, got {raw!r}") from None
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+    return value
 
 
 # ------------------------------------------------------------------- generation

@@ -107,6 +107,17 @@ class SegNet(nn.Module):
         return self.mask(u1)[:, 0], self.digit(h3.mean((2, 3)))
 
 
+def at_resolution(x: torch.Tensor) -> torch.Tensor:
+    """Images [B,3,H,W] of any size at the nets' 32x32: area-averaged (an image the app
+    enlarged nearest-neighbour to 256 px comes back exactly), differentiable."""
+    res = (world.RESOLUTION, world.RESOLUTION)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"digits rewards take [B,3,H,W] RGB images, got {list(x.shape)}")
+    if x.shape[-2:] == res:
+        return x
+    return F.interpolate(x, size=res, mode="area")
+
+
 def _check_size(x: torch.Tensor) -> None:
     if x.shape[-2:] != (world.RESOLUTION, world.RESOLUTION):
         raise ValueError(f"digits rewards take {world.RESOLUTION}x{world.RESOLUTION} images, "
@@ -126,8 +137,7 @@ class DigitsQuality(Reward):
         self.net = net or QualityNet()
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        _check_size(images)
-        return torch.sigmoid(self.net(images))
+        return torch.sigmoid(self.net(at_resolution(images)))
 
 
 def parse_prompts(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +169,8 @@ class DigitsAlignment(Reward):
         self.net = net or AlignmentNet()
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        _check_size(images)
         digits, colours = parse_prompts(prompts)
-        d_logits, c_logits = self.net(images)
+        d_logits, c_logits = self.net(at_resolution(images))
         return alignment_probability(d_logits, c_logits, digits.to(images.device),
                                      colours.to(images.device))
 

@@ -79,6 +79,7 @@ class StudyConfig:
     allow_session: bool = False
     new_voters_per_ip_per_hour: int = 3
     votes_per_ip_per_minute: int = 30
+    votes_per_voter: int = 200  # votes one voter (login, cookie or session) may cast in all
 
     def __post_init__(self) -> None:
         _check_items("prompts", self.prompts, lambda v: isinstance(v, str) and v.strip() != "",
@@ -100,7 +101,7 @@ class StudyConfig:
         for name in ("require_login", "allow_session"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("new_voters_per_ip_per_hour", "votes_per_ip_per_minute"):
+        for name in ("new_voters_per_ip_per_hour", "votes_per_ip_per_minute", "votes_per_voter"):
             v = getattr(self, name)
             if type(v) is not int or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")

@@ -19,7 +19,9 @@ VOTE_COLUMNS = ["id", "pair_id", "token", "prompt", "seed_slot", "steps", "steps
 
 COLUMN_DOCS = {
     "pair_id": "id of the shown pair (row of the pairs table)",
-    "status": "'voted', or 'skipped' (shown, no vote: the voter asked for another pair or left)",
+    "status": "'voted', or 'skipped' (shown, no vote: the voter asked for another pair or "
+              "left, or it is still on screen); a skipped pair's method, adapter and hash "
+              "cells are empty, so the export never unblinds a pair",
     "shown_at": "UTC time the pair was issued, just before its images were rendered (ISO 8601)",
     "voted_at": "UTC time of the vote (ISO 8601); empty when skipped",
     "decide_seconds": "voted_at - shown_at in seconds (includes rendering time); empty when skipped",
@@ -50,6 +52,10 @@ COLUMN_DOCS = {
     "schedule": "balanced (least-shown-first) or active (most uncertain pair first)",
 }
 EXPORT_COLUMNS = list(COLUMN_DOCS)
+# what would unblind a pair nobody has voted on (it may still be on a voter's screen):
+# empty in the export for every pair whose status is not 'voted'
+BLIND_COLUMNS = ("method_left", "adapter_left", "hash_left", "method_right", "adapter_right",
+                 "hash_right")
 
 
 def columns_markdown() -> str:

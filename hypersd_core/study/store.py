@@ -33,7 +33,7 @@ from hypersd_core.study.config import (  # noqa: F401  (re-exported: one study A
     resolve_salt,
     secret_seed,
 )
-from hypersd_core.study.export import EXPORT_COLUMNS, VOTE_COLUMNS, write_export
+from hypersd_core.study.export import BLIND_COLUMNS, EXPORT_COLUMNS, VOTE_COLUMNS, write_export
 from hypersd_core.study.records import (  # noqa: F401  (re-exported: one study API)
     InvalidToken,
     Pair,
@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS voters (
     voter_hash TEXT PRIMARY KEY, voter_kind TEXT NOT NULL, ip_hash TEXT NOT NULL,
     first_seen TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS voters_ip ON voters (ip_hash, first_seen);
+CREATE INDEX IF NOT EXISTS votes_voter ON votes (voter_hash);
 """
 
 
@@ -294,7 +295,8 @@ class StudyStore:
     # ------------------------------------------------------------------ votes
     def record_vote(self, token: str, choice: str, voter_id: str, voter_kind: str = "session",
                     ip: str | None = None, new_voters_per_hour: int | None = None,
-                    votes_per_minute: int | None = None) -> Vote:
+                    votes_per_minute: int | None = None,
+                    votes_per_voter: int | None = None) -> Vote:
         """Redeem a token: mark its pair used and store the vote, atomically.
 
         Args:
@@ -304,6 +306,7 @@ class StudyStore:
             voter_kind: 'login', 'cookie' or 'session'.
             ip: the client's address (only its salted hash is stored), for the limits.
             new_voters_per_hour, votes_per_minute: limits per IP hash (None: no limit).
+            votes_per_voter: votes one voter may cast in all (None: no cap).
         Raises:
             ValueError: bad choice, kind or voter id. InvalidToken: unknown or used token.
             RateLimited: a limit was reached; nothing is stored and the token stays usable.
@@ -329,7 +332,7 @@ class StudyStore:
                 raise InvalidToken("vote token already used: each shown pair takes one vote",
                                    "used")
             self._check_limits(conn, voter_hash, voter_kind, ip_hash, new_voters_per_hour,
-                               votes_per_minute)
+                               votes_per_minute, votes_per_voter)
             created = _now()
             decide = (datetime.fromisoformat(created) - datetime.fromisoformat(row[6])
                       ).total_seconds()
@@ -348,8 +351,15 @@ class StudyStore:
                     decide)
 
     def _check_limits(self, conn, voter_hash: str, kind: str, ip_hash: str,
-                      new_per_hour: int | None, per_minute: int | None) -> None:
-        """Register a new voter (limited per IP hash) and cap votes per IP hash."""
+                      new_per_hour: int | None, per_minute: int | None,
+                      per_voter: int | None = None) -> None:
+        """Register a new voter (limited per IP hash); cap votes per IP hash and per voter."""
+        if per_voter is not None:
+            cast = conn.execute("SELECT COUNT(*) FROM votes WHERE voter_hash = ?",
+                                (voter_hash,)).fetchone()[0]
+            if cast >= per_voter:
+                raise RateLimited(f"this voter has cast {cast} votes, the study's cap per voter; "
+                                  "thank you")
         if ip_hash and per_minute is not None:
             recent = conn.execute("SELECT COUNT(*) FROM votes WHERE ip_hash = ? AND created_at > ?",
                                   (ip_hash, _ago(60))).fetchone()[0]
@@ -379,8 +389,12 @@ class StudyStore:
 
     def export_csv(self, path: str | Path) -> Path:
         """Write every pair (skipped ones too) as CSV plus ``<name>.columns.md`` documenting
-        the columns (temp file, then rename); return the CSV's path."""
-        return write_export(self.pairs_frame(), Path(path))
+        the columns (temp file, then rename); return the CSV's path. A pair without a vote
+        (skipped, or still on someone's screen) keeps its methods, adapters and hashes
+        secret: those cells are empty."""
+        frame = self.pairs_frame()
+        frame.loc[frame.status != "voted", list(BLIND_COLUMNS)] = ""
+        return write_export(frame, Path(path))
 
 
 _VOTES_SQL = """

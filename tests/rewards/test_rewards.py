@@ -347,8 +347,14 @@ def heldout():
 def test_digits_rewards_differentiable():
     for name in ("digits-quality", "digits-alignment"):
         _check_protocol(load_reward(name), "a red handwritten digit 7", 2, 32, 32)
-    with pytest.raises(ValueError, match="32x32"):
-        load_reward("digits-quality").score(torch.rand(1, 3, 64, 64), "")
+    # any size is scored at 32x32: the 256 px nearest-neighbour enlargement the app shows
+    # scores exactly as its 32 px original
+    small = torch.rand(2, 3, 32, 32)
+    shown = small.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    for name in ("digits-quality", "digits-alignment"):
+        r = load_reward(name)
+        assert torch.allclose(r.score(shown, "a red handwritten digit 7"),
+                              r.score(small, "a red handwritten digit 7"), atol=1e-6)
     with pytest.raises(ValueError, match="not a digits-world prompt"):
         load_reward("digits-alignment").score(torch.rand(1, 3, 32, 32), "a cat")
 

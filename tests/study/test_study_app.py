@@ -185,13 +185,13 @@ def test_results_event_renders_plot_and_tables(launched) -> None:
         _show(c, demo)
         assert _vote(c, demo, label).startswith("Thanks") or len(
             demo.hypersd["store"].votes_frame())  # (this address may be at its voter limit)
-    out = c.predict("voter", "tie", False, fn_index=_fn(demo, "refresh"))
+    out = c.predict("", "voter", "tie", False, fn_index=_fn(demo, "refresh"))
     summary, plot, strengths = out[0], out[1], out[2]
     assert "votes from" in summary and "within each step count" in summary
     assert plot is not None
     rows = strengths["data"] if isinstance(strengths, dict) else strengths
     assert rows and all(len(r) == 7 for r in rows)
-    login_only = c.predict("prompt", "exclude", True, fn_index=_fn(demo, "refresh"))
+    login_only = c.predict("", "prompt", "exclude", True, fn_index=_fn(demo, "refresh"))
     assert login_only[0].startswith("**0 votes")  # no logged-in voter in this session
 
 
