@@ -41,6 +41,27 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssPeak:
+    """Highest resident memory while the block runs (sampled every 5 ms), above its start."""
+
+    def __enter__(self):
+        self.start = self.high = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.high = max(self.high, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.high = max(self.high, rss_mb())
+        self.above = self.high - self.start
+
+
 def settings(tmp: Path, **kw):
     from hypersd_core.app.service import AppSettings
 
@@ -176,15 +197,18 @@ def alias_bomb(levels: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def item_yaml(tmp: Path, levels: int = 7) -> dict:
+def item_yaml(tmp: Path, levels: int = int(os.environ.get("BOMB_LEVELS", 7))) -> dict:
     """The Train tab's settings check on an alias bomb (levels 7: 436 bytes)."""
     from train_tab import controller as ctl
 
     text = alias_bomb(levels)
     s = settings(tmp)
-    checked = ctl.check_settings(text, "digits", "", "digits", s)
+    t0 = time.perf_counter()
+    with RssPeak() as peak:
+        checked = ctl.check_settings(text, "digits", "", "digits", s)
     return {"bytes": len(text), "levels": levels, "refused": checked.config is None,
-            "message": checked.message[:120]}
+            "check_seconds": round(time.perf_counter() - t0, 2),
+            "check_peak_mb": round(peak.above), "message": checked.message[:100]}
 
 
 def item_voters(tmp: Path) -> dict:
@@ -197,10 +221,9 @@ def item_voters(tmp: Path) -> dict:
     s = settings(tmp)
     store = StudyStore(s.study_db)
     cfg = StudyConfig(methods=["lcm", "hypersd"], steps=[1])
-    try:
-        handlers = StudyHandlers(None, store, cfg, s.trusted_proxies)
-    except TypeError:
-        handlers = StudyHandlers(None, store, cfg)
+    trusted = getattr(s, "trusted_proxies", None)  # None: the code before the setting
+    handlers = (StudyHandlers(None, store, cfg) if trusted is None
+                else StudyHandlers(None, store, cfg, s))
     counted = 0
     for i in range(8):
         pair = store.next_pair(cfg)
@@ -260,11 +283,11 @@ def item_shard(tmp: Path, mib: int = 64) -> dict:
         img.size = len(png.getvalue())
         tar.addfile(img, io.BytesIO(png.getvalue()))
     on_disk = shard.stat().st_size
-    base = peak_mb()
     ds = WebDataset(SimpleNamespace(resolution=32), str(shard), DataOptions())
-    got = list(ds)
+    with RssPeak() as peak:
+        got = list(ds)
     return {"caption_mib": mib, "shard_kb": round(on_disk / 1024), "samples": len(got),
-            "skipped": ds.skipped, "peak_above_baseline_mb": round(peak_mb() - base)}
+            "skipped": ds.skipped, "peak_above_baseline_mb": round(peak.above)}
 
 
 def run_one(name: str) -> dict:

@@ -55,6 +55,9 @@ def public_app(tmp_path_factory):
     mp.setattr("hypersd_core.models.backbone.DIGITS_ADAPTERS", root / "no-adapters")
     mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio-tmp"))
     mp.setenv("HYPERSD_STUDY_SALT", "test-salt-0123456789abcdef")
+    # Gradio's launch gives up when the first HEAD of the page takes over 3 s (a loaded
+    # machine); the probe's own calls below fail loudly if the server is not up
+    mp.setattr("gradio.networking.url_ok", lambda url: True)
     settings = AppSettings.from_env(
         model=str(model), runs_dir=root / "runs", study_db=root / "study" / "votes.db",
         study_config=study_yaml, lora_dir=root / "loras", models_dir=root / "models",
