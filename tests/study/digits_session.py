@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 msg = out if isinstance(out, str) else out[0]
                 if not msg.startswith("Thanks"):
                     raise SystemExit(f"voter {v}: vote not stored: {msg}")
-        files = _client(url).predict(fn_index=_fn(demo, "<lambda>", "Export every shown pair as CSV"))
+        files = _client(url).predict("", fn_index=_fn(demo, "export_files",
+                                                      "Export every shown pair as CSV"))
     finally:
         demo.close()
         demo.hypersd["store"].close()
