@@ -163,6 +163,7 @@ class ConsistencyStage:
                     e.lerp_(p.detach(), 1 - self.cfg.ema_decay)
         if self.adversarial is not None:
             logs.update(self.adversarial.step())
+        self.step = step + 1  # a caller without begin_step still alternates
         return logs
 
     def _d_only(self, step: int) -> bool:
