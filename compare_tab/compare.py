@@ -184,7 +184,7 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
                               label="Adapter: the method's own, a finished run, a shipped "
                                     "adapter or a file from the LoRA folder",
                               elem_id="generate-adapter")
-        refresh = gr.Button("Refresh list", scale=1)
+        refresh = gr.Button("Refresh list", scale=1, elem_id="generate-refresh")
     recipe_md = gr.Markdown(_recipe_text("hypersd", RECIPES["hypersd"].default_steps))
     go = gr.Button("Generate", variant="primary", elem_id="generate-button")
     with gr.Row():

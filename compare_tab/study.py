@@ -331,7 +331,7 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
                                 label="Arms", elem_id="study-arms")
         with gr.Row():
             use = gr.Button("Start the study with these arms", elem_id="study-use-arms")
-            refresh = gr.Button("Refresh list")
+            refresh = gr.Button("Refresh list", elem_id="study-refresh-arms")
         arms_md = gr.Markdown()
     show = gr.Button("Show a pair", variant="primary", elem_id="study-show")
     pair_md = gr.Markdown()

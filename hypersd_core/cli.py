@@ -234,6 +234,13 @@ def cmd_export_kohya(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from hypersd_core.training.push import push
+
+    print(push(args.run, args.repo, private=args.private, dry_run=args.dry_run))
+    return 0
+
+
 def cmd_score(args) -> int:
     from hypersd_core.rewards import score_images
 
@@ -368,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lora")
     p.add_argument("out")
     p.set_defaults(fn=cmd_export_kohya)
+
+    p = sub.add_parser("push", help="upload a run's adapter (diffusers + kohya) with a model "
+                       "card to the Hugging Face Hub (offline: says what it would upload)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--repo", required=True, help="Hub model repo, OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--dry-run", action="store_true", help="say what would be uploaded, upload nothing")
+    p.set_defaults(fn=cmd_push)
 
     p = sub.add_parser("report", help="rewrite README's results section from assets/results")
     p.set_defaults(fn=cmd_report)

@@ -51,13 +51,16 @@ def lora_files(folder: Path) -> list[Path]:
 
 
 def data_choices(settings: AppSettings) -> list[str]:
-    """Training data sources: 'digits' plus folders with metadata.jsonl under data_dir."""
+    """Training data sources: 'digits' plus image folders under data_dir (with a
+    metadata.jsonl, or .txt captions beside the images)."""
     from hypersd_core.paths import SCENES_PIPELINE
 
     found = ["digits"] + (["scenes"] if (SCENES_PIPELINE / "model_index.json").is_file() else [])
     if settings.data_dir.is_dir():
+        from hypersd_core.training.buckets import has_caption_files
+
         found += [str(p) for p in sorted(settings.data_dir.iterdir())
-                  if (p / "metadata.jsonl").is_file()]
+                  if (p / "metadata.jsonl").is_file() or has_caption_files(p)]
     return found
 
 

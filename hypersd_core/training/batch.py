@@ -62,6 +62,7 @@ class DataOptions:
     split: str = "train"
     streaming: bool = False  # datasets: stream instead of download/memory-map (large sets)
     shuffle_buffer: int = 1000  # streamed sources: samples held for shuffling
+    buckets: bool = False  # image folders: aspect-ratio buckets instead of square crops
     rank: int | None = None  # process index / count; default from RANK / WORLD_SIZE
     world_size: int | None = None
     extra: dict = field(default_factory=dict)
@@ -69,7 +70,8 @@ class DataOptions:
     @classmethod
     def from_config(cls, cfg) -> DataOptions:
         return cls(**{k: getattr(cfg, f"data_{k}") for k in
-                      ("image_column", "caption_column", "split", "streaming", "shuffle_buffer")
+                      ("image_column", "caption_column", "split", "streaming", "shuffle_buffer",
+                       "buckets")
                       if hasattr(cfg, f"data_{k}")})
 
     def process(self) -> tuple[int, int]:
@@ -99,22 +101,26 @@ def prepare_image(img: Image.Image, res: int) -> tuple[torch.Tensor, tuple[int, 
 
 
 def sdxl_time_ids(originals: list[tuple[int, int]], crops: list[tuple[int, int]], res: int,
-                  like: torch.Tensor) -> torch.Tensor:
-    """[B, 6] SDXL add_time_ids: original (h, w), crop (top, left), target (res, res)."""
-    rows = [[*o, *c, res, res] for o, c in zip(originals, crops)]
+                  like: torch.Tensor, target: tuple[int, int] | None = None) -> torch.Tensor:
+    """[B, 6] SDXL add_time_ids: original (h, w), crop (top, left), target (h, w) (default
+    (res, res); an aspect-ratio bucket's size when bucketing)."""
+    th, tw = target or (res, res)
+    rows = [[*o, *c, th, tw] for o, c in zip(originals, crops)]
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 @torch.no_grad()
 def encode_batch(backbone: Backbone, images: torch.Tensor, prompts: list[str],
                  originals: list[tuple[int, int]] | None = None,
-                 crops: list[tuple[int, int]] | None = None) -> Batch:
-    """Latents and prompt embeddings of prepared images (SDXL: per-image time ids)."""
+                 crops: list[tuple[int, int]] | None = None,
+                 target: tuple[int, int] | None = None) -> Batch:
+    """Latents and prompt embeddings of prepared images (SDXL: per-image time ids; ``target``
+    the images' (h, w) when they are not the model's square resolution)."""
     images = images.to(backbone.device)
     latents = backbone.encode_images(images).float()
     embeds = backbone.encode_prompt(prompts)
     uncond = backbone.encode_prompt(prompts, negative=True)
     if embeds.time_ids is not None and originals is not None:
-        ids = sdxl_time_ids(originals, crops, backbone.resolution, embeds.time_ids)
+        ids = sdxl_time_ids(originals, crops, backbone.resolution, embeds.time_ids, target)
         embeds.time_ids, uncond.time_ids = ids, ids.clone()
     return Batch(latents, embeds, uncond, list(prompts), images)

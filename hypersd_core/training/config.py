@@ -42,6 +42,7 @@ class StageConfig:
     data_split: str = "train"  # datasets split (hub ids and DatasetDict folders)
     data_streaming: bool = False  # stream a datasets source instead of loading / memory-mapping it
     data_shuffle_buffer: int = 1000  # samples held to shuffle a streamed source (datasets, webdataset)
+    data_buckets: bool = False  # image folders: aspect-ratio buckets (batches share a bucket)
     # TSCD / consistency
     k: int = 8
     num_solver_steps: int = 40

@@ -5,7 +5,8 @@
 - ``digits``: the digits world's training split (never the held-out digits), with masks
   and labels for the perceptual loss;
 - a folder with ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}`` (the Hugging
-  Face imagefolder layout);
+  Face imagefolder layout), or images with ``.txt`` captions beside them (kohya's layout);
+  ``data_buckets: true`` trains on aspect-ratio buckets (training/buckets.py);
 - a ``datasets`` dataset: a ``save_to_disk`` folder, a ``.parquet`` / ``.arrow`` file or
   glob, or ``hf:owner/name`` (a hub id) - see training/datasets.py;
 - webdataset shards: a ``.tar`` file, a glob or a ``{000..099}`` range - training/datasets.py;
@@ -86,30 +87,53 @@ class FolderData:
     outside or oversized image is skipped and counted in ``skipped`` (metrics: data_skipped).
     """
 
-    def __init__(self, backbone: Backbone, folder: str | Path):
+    def __init__(self, backbone: Backbone, folder: str | Path, options: DataOptions | None = None):
+        from hypersd_core.training import buckets as B
+
         self.backbone = backbone
         self.folder = Path(folder)
         self.root = self.folder.resolve()
         self.skipped = 0  # unreadable images, counted (metrics: data_skipped)
         meta = self.folder / "metadata.jsonl"
-        if not meta.is_file():
+        if meta.is_file():
+            self.items = read_metadata(meta)
+        elif B.has_caption_files(self.folder):
+            self.items = B.caption_items(self.folder, MAX_CAPTION_BYTES)
+        else:
             raise FileNotFoundError(
                 f"{self.folder.name} has no metadata.jsonl (one JSON line per image: "
-                '{"file_name": "0001.png", "text": "a caption"})')
-        self.items = read_metadata(meta)
+                '{"file_name": "0001.png", "text": "a caption"}) and no .txt captions '
+                "beside its images")
         if not self.items:
             raise ValueError(f"{self.folder.name}/metadata.jsonl lists no images")
+        self.bucket_of: list[tuple[int, int]] | None = None  # per item, when bucketing
+        if options is not None and options.buckets:
+            sizes = B.bucket_sizes(backbone.resolution, B.latent_step(backbone))
+            self.bucket_of = [B.nearest_bucket(*self._size(item), sizes) for item in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load(self, item: dict):
-        """(image, original size, crop) or None for an unreadable image."""
+    def _size(self, item: dict) -> tuple[int, int]:
+        """(h, w) from the image's header (1, 1 when unreadable: skipped when loaded)."""
+        try:
+            with Image.open(inside_folder(self.root, item["file_name"])) as img:
+                return img.height, img.width
+        except (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError):
+            return 1, 1
+
+    def _load(self, item: dict, bucket: tuple[int, int] | None = None):
+        """(image, original size, crop) or None for an unreadable image; fitted to
+        ``bucket`` (h, w) when given, else the model's square resolution."""
         try:
             path = inside_folder(self.root, item["file_name"])
             if path.stat().st_size > MAX_IMAGE_BYTES:
                 raise MemberTooLarge(f"{item['file_name']} is over {MAX_IMAGE_BYTES:,} bytes")
             with Image.open(path) as img:
+                if bucket is not None:
+                    from hypersd_core.training.buckets import fit_to_bucket
+
+                    return fit_to_bucket(img, bucket)
                 return prepare_image(img, self.backbone.resolution)
         except (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError):
             self.skipped += 1
@@ -117,15 +141,22 @@ class FolderData:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         got = []
+        pool, bucket = list(range(len(self))), None
+        if self.bucket_of is not None:  # one bucket per batch: the bucket of a random image
+            bucket = self.bucket_of[int(torch.randint(0, len(self), (1,), generator=generator))]
+            pool = [i for i, b in enumerate(self.bucket_of) if b == bucket]
         for _ in range(100):
-            idx = torch.randint(0, len(self), (batch_size - len(got),), generator=generator).tolist()
-            got += [(self.items[i]["text"], x) for i in idx if (x := self._load(self.items[i]))]
+            picks = torch.randint(0, len(pool), (batch_size - len(got),), generator=generator)
+            idx = [pool[i] for i in picks.tolist()]
+            got += [(self.items[i]["text"], x) for i in idx
+                    if (x := self._load(self.items[i], bucket))]
             if len(got) == batch_size:
                 break
         else:
             raise ValueError(f"{self.folder.name}: no readable images in {self.skipped} tries")
         return encode_batch(self.backbone, torch.stack([x[0] for _, x in got]),
-                            [p for p, _ in got], [x[1] for _, x in got], [x[2] for _, x in got])
+                            [p for p, _ in got], [x[1] for _, x in got], [x[2] for _, x in got],
+                            target=bucket)
 
     def __iter__(self):
         """Every readable image once, in order (the cache pre-pass): (image, caption, size, crop)."""
@@ -185,6 +216,11 @@ def make_data(backbone: Backbone, source: str, options: DataOptions | None = Non
     path = Path(source).expanduser()
     if (path / cache.MANIFEST).is_file():
         return cache.CachedData(backbone, path, options)
-    if (path / "metadata.jsonl").is_file():
-        return FolderData(backbone, path)
+    from hypersd_core.training.buckets import has_caption_files
+
+    if (path / "metadata.jsonl").is_file() or has_caption_files(path):
+        return FolderData(backbone, path, options)
+    if options.buckets:
+        raise ValueError("data_buckets works with image folders (metadata.jsonl or .txt "
+                         f"captions); {source!r} is not one")
     return datasets.open_source(backbone, source, options)

@@ -140,3 +140,23 @@ def test_a_study_arm_given_as_the_run_records_its_hash(tiny_run, tiny_sd15, tmp_
     assert sides["run:tiny-k8"] == resolve_arm("run:tiny-k8", settings).weights_hash()
     assert sides["teacher"] == ""  # the base model has no adapter
     store.close()
+
+
+def test_push_offline_says_in_one_line_what_it_would_upload(tiny_run, capsys, monkeypatch):
+    from hypersd_core.cli import main
+    from hypersd_core.training.push import model_card
+
+    card = model_card(tiny_run, "me/tiny-k8")
+    for text in ("stage: TSCD k=8", "`DDIMScheduler` with `timestep_spacing='trailing'`",
+                 "- steps: 8", "- CFG: none", "3 steps x batch 2", "| loss | 3 |",
+                 "weight_name='tiny-k8-lora.safetensors'"):
+        assert text in card, text
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", str(tiny_run.dir), "--repo", "me/tiny-k8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("offline (HF_HUB_OFFLINE=1): would upload 7 files")
+    for name in ("README.md", "tiny-k8-lora.safetensors", "tiny-k8-lora-kohya.safetensors",
+                 "tiny-k8-lora-ema.safetensors", "config.yaml", "metrics.jsonl"):
+        assert name in lines[0]
+    assert main(["push", str(tiny_run.dir), "--repo", "no-owner"]) == 2
+    assert "OWNER/NAME" in capsys.readouterr().err
