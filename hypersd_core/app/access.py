@@ -79,7 +79,3 @@ def scrub_paths(message: str) -> str:
     clients must not map the server's folders)."""
     return _ABS_PATH.sub(lambda m: m.group(1) or ".", message)
 
-
-def waiting_per_client(events, key, address_of) -> int:
-    """How many of ``events`` (waiting calls) come from the client ``key``."""
-    return sum(1 for e in events if address_of(e) == key)
