@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would be uploaded, upload nothing")
     p.set_defaults(fn=cmd_push)
 
-    p = sub.add_parser("report", help="rewrite README's results section from assets/results")
+    p = sub.add_parser("report", help="rewrite the generated results blocks (docs/results.md, "
+                       "README's headline) from assets/results")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("cache-data", help="encode a data set once: VAE latents + prompt "

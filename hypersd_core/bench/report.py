@@ -8,8 +8,8 @@ from pathlib import Path
 
 from hypersd_core.paths import ASSETS, ROOT
 
-README_HEADING = "## Performance"
-PERFORMANCE_DOC = ROOT / "README.md"  # the file whose README_HEADING section bench rebuilds
+SECTION_HEADING = "## Bench figures"
+PERFORMANCE_DOC = ROOT / "docs" / "performance.md"  # whose SECTION_HEADING bench rebuilds
 
 
 def _ms(stats: dict) -> str:
@@ -358,8 +358,8 @@ def write_outputs(result: dict, out: str | Path) -> dict:
     return paths
 
 
-def update_readme(readme: str | Path, body: str, heading: str = README_HEADING) -> Path:
-    """Replace the ``heading`` section of README (up to the next ``## ``) with ``body``;
+def update_readme(readme: str | Path, body: str, heading: str = SECTION_HEADING) -> Path:
+    """Replace the ``heading`` section of ``readme`` (up to the next ``## ``) with ``body``;
     append it when absent. Other sections are left byte for byte."""
     readme = Path(readme)
     text = readme.read_text() if readme.is_file() else ""

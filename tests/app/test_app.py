@@ -376,6 +376,7 @@ def test_score_table(launched):
     assert "digits-perception" in note and "ground-truth" in note
 
 
+@pytest.mark.slow  # a chain of training processes
 def test_chain_passes_adapters_and_stops_after_a_failed_stage(env, tmp_path):
     from hypersd_core.training import chain
     from hypersd_core.training.config import load_preset

@@ -90,6 +90,7 @@ def project_copy(tmp_path, monkeypatch):
     return repo
 
 
+@pytest.mark.slow  # a whole tiny bench run (the fast checks: out_path, publish_section)
 def test_bench_quick_on_tiny_model(tiny_sd15, project_copy, capsys):
     """A tiny ``bench --quick``-like run through the command line, without --out: JSON keys,
     tables, plot, all under the git-ignored out/bench/; no tracked file changes."""
@@ -134,6 +135,7 @@ def test_bench_quick_on_tiny_model(tiny_sd15, project_copy, capsys):
     assert "Key figures" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole tiny bench run (the fast checks: out_path, publish_section)
 def test_bench_every_stage_type(tiny_sdxl, tmp_path):
     """Every stage type's training step on a tiny SDXL-shaped model."""
     result = _run_tiny_bench(tiny_sdxl, tmp_path / "bench.json",
@@ -171,11 +173,11 @@ def test_only_update_readme_publishes(tmp_path, monkeypatch):
 
     doc = tmp_path / "docs" / "performance.md"
     doc.parent.mkdir()
-    doc.write_text("# Performance notes\n\n## Performance\n\nold\n")
+    doc.write_text("# Performance\n\nnotes\n\n## Bench figures\n\nold\n")
     monkeypatch.setattr(report, "PERFORMANCE_DOC", doc)
     run.publish_section()
     text = doc.read_text()
-    assert "old" not in text and "Digits world on the CPU" in text
+    assert "old" not in text and "notes" in text and "Digits world on the CPU" in text
     links = re.findall(r"\]\(([^)#]+)\)", text)
     assert any(link.endswith("bench.png") for link in links)
     for link in links:
@@ -189,7 +191,7 @@ def test_update_readme_replaces_only_its_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n## Usage\n\nrun it\n")
     update_readme(readme, "first figures")
-    assert readme.read_text() == "# Title\n\nintro\n\n## Usage\n\nrun it\n\n## Performance\n\nfirst figures\n"
+    assert readme.read_text() == "# Title\n\nintro\n\n## Usage\n\nrun it\n\n## Bench figures\n\nfirst figures\n"
     readme.write_text(readme.read_text() + "\n## Later\n\nkept\n")
     update_readme(readme, "new figures")
     text = readme.read_text()

@@ -104,6 +104,7 @@ def test_shipped_pipeline_loads_in_stock_diffusers():
     assert arr[..., 0].max() > 150 and arr[..., 1:].mean() < arr[..., 0].mean()  # red ink
 
 
+@pytest.mark.slow  # evaluates the shipped teacher on many images
 @shipped
 def test_quick_quality_of_shipped_teacher():
     """80 images (every prompt once) at 25 steps: the teacher draws the prompted digits."""

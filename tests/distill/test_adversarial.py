@@ -72,6 +72,7 @@ def test_heads_read_encoder_middle_and_decoder_maps():
     assert [h[0].conv1[0].out_channels for h in disc.heads] == [16, 32, 32, 32, 16]
 
 
+@pytest.mark.slow  # trains a discriminator to convergence
 def test_discriminator_learns_when_real_and_fake_differ():
     loss, logs = _train_discriminator(lambda g: torch.randn(8, 4, 8, 8, generator=g) * 0.3 - 1.0)
     assert loss < 1.0, f"discriminator hinge loss {loss:.3f} did not fall clearly below 2"

@@ -95,7 +95,7 @@ def _stock(folder, cn_folder, kind, method, lora):
     return pipe
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", ["teacher", "lcm", "tcd", "hypersd", "hypersd-unified"])
 def test_every_recipe_with_control_equals_stock_controlnet_pipeline(kind, method, models):
     folder, cn_folder, lora = models[kind]

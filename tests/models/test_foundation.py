@@ -246,6 +246,7 @@ def _cli(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # a CLI subprocess (one such check stays in the default run)
 def test_cli_sample_matches_stock(tiny_sd15, tmp_path):
     out = tmp_path / "out"
     res = _cli("sample", "--model", str(tiny_sd15), "--method", "hypersd", "--steps", "4",
@@ -267,8 +268,9 @@ def test_cli_sample_matches_stock(tiny_sd15, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "nope"], "unknown method"),
-    (["--steps", "0"], "must be >= 1"),
-    (["--lora", "/nonexistent/x.safetensors"], "LoRA file not found"),
+    pytest.param(["--steps", "0"], "must be >= 1", marks=pytest.mark.slow),  # CLI subprocesses
+    pytest.param(["--lora", "/nonexistent/x.safetensors"], "LoRA file not found",
+                 marks=pytest.mark.slow),
 ])
 def test_cli_bad_arguments_exit_nonzero_with_one_line(tiny_sd15, tmp_path, args, message):
     res = _cli("sample", "--model", str(tiny_sd15), "--prompt", PROMPT, "--out", str(tmp_path), *args)
@@ -277,6 +279,7 @@ def test_cli_bad_arguments_exit_nonzero_with_one_line(tiny_sd15, tmp_path, args,
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # a CLI subprocess (one such check stays in the default run)
 def test_cli_missing_model(tmp_path):
     res = _cli("sample", "--model", str(tmp_path), "--prompt", PROMPT, "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "model_index.json" in res.stderr and "Traceback" not in res.stderr

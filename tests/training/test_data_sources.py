@@ -77,6 +77,7 @@ def digits_backbone():
     return load_backbone("digits")
 
 
+@pytest.mark.slow  # whole runs on each source (the readers alone stay in the default run)
 def test_datasets_folder_columns_and_bad_rows(digits_backbone, tmp_path):
     folder = save_hf_folder(tmp_path / "ds", 12, broken=12)
     with pytest.raises(ValueError, match="no column 'image'"):
@@ -183,6 +184,7 @@ def _short_run(tmp_path, name: str, data: str, *extra: str):
     return [r for r in map(json.loads, lines) if "loss" in r]  # the step records
 
 
+@pytest.mark.slow  # whole runs on each source (the readers alone stay in the default run)
 def test_digits_runs_read_datasets_webdataset_and_cache(tmp_path):
     from hypersd_core.cli import main
 

@@ -158,6 +158,7 @@ def _check_same_curve(run: Run, straight: Run) -> float:
     return diff
 
 
+@pytest.mark.slow  # training processes killed and resumed
 def test_kill9_in_training_and_in_a_checkpoint_write_then_resume(straight, tiny_sd15, data_dir,
                                                                   tmp_path):
     run = Run.create(tmp_path / "run", _cfg(tiny_sd15, data_dir))
@@ -214,6 +215,7 @@ def test_same_size_corruption_falls_back_to_the_previous_checkpoint(straight, tm
     assert _max_diff(_final(run), _final(straight)) < 1e-5
 
 
+@pytest.mark.slow  # a training process held while another resumes
 def test_concurrent_resume_is_refused_naming_the_holder(tiny_sd15, data_dir, tmp_path):
     run = Run.create(tmp_path / "run", _cfg(tiny_sd15, data_dir, steps=100000,
                                             checkpoint_every=1000))
@@ -295,6 +297,7 @@ def _bomb_png(path: Path, side: int = 13000) -> Path:
     return path
 
 
+@pytest.mark.slow  # a child process, its memory bounded
 def test_decompression_bomb_upload_is_refused_with_bounded_rss(tmp_path, monkeypatch):
     """The Rewards tab's private Score function, called by fn_index as an attacker would."""
     import psutil

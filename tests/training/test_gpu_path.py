@@ -38,8 +38,9 @@ def _run(tmp_path, preset, **extra):
     ("digits-tscd-k1", {"gradient_checkpointing": "on"}),  # with it, checkpointed
     ("digits-lcm", {}),
     ("digits-tcd", {}),
-    ("digits-feedback", {}),
-    ("digits-dmd", {"gradient_checkpointing": "on", "critic_steps": 1}),
+    pytest.param("digits-feedback", {}, marks=pytest.mark.slow),  # the heaviest two stages
+    pytest.param("digits-dmd", {"gradient_checkpointing": "on", "critic_steps": 1},
+                 marks=pytest.mark.slow),
 ])
 def test_every_stage_type_runs_the_gpu_dtype_path(preset, extra, tmp_path):
     run, status = _run(tmp_path, preset, **extra)
@@ -175,6 +176,7 @@ def _all_reduce_worker(rank, world, init_file, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes
 def test_all_reduce_grads_averages_in_flat_buckets(tmp_path):
     import torch.multiprocessing as mp
 
