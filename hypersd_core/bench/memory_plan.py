@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GIB = 2**30
+SHIPPED_ROWS = Path(__file__).resolve().parents[2] / "assets" / "results" / "memory_plan.json"
 
 
 class AllocatorCount(TorchDispatchMode):
@@ -283,11 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="sd15,sdxl")
     p.add_argument("--stages", default=",".join(PLAN_STAGES))
     p.add_argument("--out", help="JSON file for the rows (one JSON line each is printed too)")
-    p.add_argument("--markdown", nargs="+", metavar="JSON",
-                   help="print README's table from counted rows (files written by --out)")
+    p.add_argument("--markdown", nargs="*", metavar="JSON",
+                   help="print README's table from counted rows (files written by --out; "
+                        "none: the shipped assets/results/memory_plan.json)")
     args = p.parse_args(argv)
-    if args.markdown:
-        print(markdown([r for f in args.markdown for r in json.loads(Path(f).read_text())]))
+    if args.markdown is not None:
+        files = args.markdown or [SHIPPED_ROWS]
+        missing = [str(f) for f in files if not Path(f).is_file()]
+        if missing:
+            p.error(f"no counted rows at {', '.join(missing)}: write them with --out FILE")
+        print(markdown([r for f in files for r in json.loads(Path(f).read_text())]))
         return 0
     rows = []
     for kind in args.kinds.split(","):

@@ -49,12 +49,23 @@ def fused_student(init_adapter: str | Path | None = INIT_ADAPTER, device="cpu"):
 
 def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INIT_ADAPTER,
                        log=print):
-    """Returns (student UNet, seconds, last logs with steps_done)."""
+    """Returns (student UNet, seconds, last logs with steps_done).
+
+    Under ``accelerate launch`` the student goes through ``accelerator.prepare``: data
+    parallel, FSDP (assets/accelerate/fsdp-onestep-unet*.yaml, also on the CPU) or
+    DeepSpeed ZeRO-2/3 (CUDA). Each process draws its own batches; the returned UNet
+    holds the whole weights on every process (gathered from the shards).
+    """
     from hypersd_core.distill.onestep_unet import OneStepUNetStage
     from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.training import collective
     from hypersd_core.training.config import load_preset
     from hypersd_core.training.data import DigitsData
+    from hypersd_core.training.engines import full_state_dict, make_accelerator
 
+    accelerator = make_accelerator(use_cuda=device.startswith("cuda"))
+    device = str(accelerator.device) if accelerator.num_processes > 1 else device
+    rank = accelerator.process_index
     torch.manual_seed(cfg.seed)
     # its recipe as measured: the unified stage's settings before DMD2's (MSE to the k=1
     # target on, the fake score at twice the rate); one critic update per step
@@ -66,23 +77,26 @@ def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INI
     stage = OneStepUNetStage(stage_cfg, backbone, student)
     data = DigitsData(backbone)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    student, opt = accelerator.prepare(student, opt)  # one process: unchanged
+    stage.student = student
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + (rank << 40))  # rank 0: the one-process stream
     logs: dict = {}
     t0 = time.perf_counter()
     step = -1
     for step in range(cfg.steps):
-        if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
+        if cfg.max_seconds and collective.agree(time.perf_counter() - t0 > cfg.max_seconds):
             step -= 1
             break
         batch = data.sample(cfg.batch_size, gen)
-        loss, logs = stage.loss(batch, gen)
-        loss = loss.mean()
-        if not torch.isfinite(loss):
+        with accelerator.autocast():  # the launcher's mixed precision (none by default)
+            loss, logs = stage.loss(batch, gen)
+        loss = loss.float().mean()
+        if collective.agree(not torch.isfinite(loss)):  # every process raises, or none
             raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), stage_cfg.grad_clip)
+        accelerator.backward(loss)  # gradients averaged (and sharded) by the engine
+        accelerator.clip_grad_norm_(student.parameters(), stage_cfg.grad_clip)
         opt.step()
         sched.step()
         if step % 25 == 0 or step == cfg.steps - 1:
@@ -90,20 +104,31 @@ def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INI
                 + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                 + f" {time.perf_counter() - t0:.0f} s")
     logs["steps_done"] = step + 1
-    return student.eval().requires_grad_(False), time.perf_counter() - t0, logs
+    seconds = time.perf_counter() - t0
+    if accelerator.num_processes > 1:  # whole weights in a plain UNet on every process
+        state = collective.broadcast(full_state_dict(accelerator, student))
+        student = fused_student(None, "cpu")
+        student.load_state_dict(state)
+    return student.eval().requires_grad_(False), seconds, logs
 
 
 def build_onestep_unet(out: str | Path = DIGITS_ONESTEP_UNET, cfg: OneStepConfig | None = None,
                        device: str = "cpu", log=print) -> dict:
+    from hypersd_core.training import collective
+    from hypersd_core.training.engines import launcher_engine
+
     cfg = cfg or OneStepConfig()
     student, seconds, logs = train_onestep_unet(cfg, device, log=log)
     out = Path(out)
-    save_unet(student, out, torch.float16)
     where = torch.cuda.get_device_name() if device.startswith("cuda") else \
         f"cpu, {torch.get_num_threads()} thread(s)"
     info = {"config": asdict(cfg), "preset": "digits-dmd", "init": str(INIT_ADAPTER.name),
             "seconds": round(seconds, 1), "device": where,
             "last_logs": {k: round(v, 5) for k, v in logs.items()}}
-    (out / "training.json").write_text(json.dumps(info, indent=1))
-    log(f"wrote {out}: {json.dumps(info)}")
+    if collective.world() > 1:
+        info.update(processes=collective.world(), engine=launcher_engine())
+    if collective.rank() == 0:  # one writer; every process holds the same weights
+        save_unet(student, out, torch.float16)
+        (out / "training.json").write_text(json.dumps(info, indent=1))
+        log(f"wrote {out}: {json.dumps(info)}")
     return info

@@ -21,6 +21,7 @@ from hypersd_core.distill.dmd import (
     dmd_and_reward_loss,
     fake_score_loss,
 )
+from hypersd_core.distill.optim import OwnStep
 from hypersd_core.distill.tscd import sample_t_end, target_jump, teacher_ddim_step, tscd_loss
 
 
@@ -50,6 +51,7 @@ class OneStepUNetStage:
         self.fake_params = add_lora(self.teacher, cfg.fake_rank, float(cfg.fake_rank),
                                     adapter_name=FAKE)
         self.fake_optimizer = torch.optim.AdamW(self.fake_params, lr=cfg.fake_lr, weight_decay=0.0)
+        self.fake_step = OwnStep(self.fake_optimizer, self.fake_params, cfg.grad_clip)
 
     # ---------------------------------------------------------------- models
     def _x0(self, out, x_t, t):
@@ -86,11 +88,7 @@ class OneStepUNetStage:
         eps = S.predictions(self._teacher(x_t, t, batch.embeds, fake=True), x_t, a_t,
                             self.pred_type)[1]
         loss = fake_score_loss(eps, noise).mean()
-        self.fake_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.fake_params, self.cfg.grad_clip)
-        self.fake_optimizer.step()
-        self.fake_optimizer.zero_grad(set_to_none=True)
+        self.fake_step(loss)  # clip, step; averaged over the processes of a distributed run
         return {"loss_fake": loss.item()}
 
     @torch.no_grad()

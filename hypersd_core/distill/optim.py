@@ -4,7 +4,8 @@
   buckets (one collective per bucket, not one per tensor).
 * ``OwnStep``: the update of a module that a stage trains beside the student (the
   discriminator heads, DMD's fake score): backward with loss scaling under fp16
-  autocast, gradient averaging across processes, clipping, and the optimiser step.
+  autocast, gradient averaging across processes (before unscaling), clipping, and the
+  optimiser step (skipped on every process when the averaged gradient is not finite).
 """
 
 from __future__ import annotations
@@ -93,18 +94,19 @@ class OwnStep:
 
     def step(self) -> torch.Tensor | None:
         """One update from the accumulated gradients; returns the gradient norm if clipped."""
+        # average first, unscale after: every process then holds the same gradients, so
+        # every GradScaler sees the same overflow and every process skips the same steps
+        all_reduce_grads(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        all_reduce_grads(self.params)
-        norm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-                if self.grad_clip else None)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped on inf/nan gradients
             self.scaler.update()
-        else:
+        elif torch.isfinite(norm):  # the same gradients everywhere: the same decision
             self.optimizer.step()
         self.zero_grad()
-        return norm
+        return norm if self.grad_clip else None
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor | None:
         """One update from ``loss`` (a scalar); returns the gradient norm if clipped."""

@@ -9,9 +9,9 @@ checkpoints, and ends with final/ (a diffusers-format LoRA).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
-import signal
 import sys
 import time
 import traceback
@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 from hypersd_core.distill.optim import all_reduce_grads
+from hypersd_core.training import collective
+from hypersd_core.training import runs as runs_mod
 from hypersd_core.training.config import StageConfig
+from hypersd_core.training.engines import check_lora_engine
 from hypersd_core.training.runs import Run, RunLockedError
 from hypersd_core.training.threads import ThreadShare
 
@@ -30,6 +33,10 @@ STUDENT = "student"
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class ResumeRefusedError(RuntimeError):
+    """The processes of a run cannot resume from the same checkpoint."""
 
 
 def make_stage(cfg: StageConfig, backbone):
@@ -103,11 +110,13 @@ def sample_grid(backbone, cfg: StageConfig, out_path: Path):
 
 
 def _step_generator(cfg: StageConfig, step: int, rank: int) -> torch.Generator:
-    """A generator per (seed, step, process): a resumed run draws the same batches."""
-    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
+    """A generator per (seed, step, process): a resumed run draws the same batches, and no
+    two (step, process) pairs of a run share one."""
+    return torch.Generator().manual_seed(collective.step_seed(cfg.seed, step, rank))
 
 
-def _save_state(tmp: Path, unet, optimizer, lr_sched, stage, step: int, nonfinite: int):
+def _save_state(tmp: Path, unet, optimizer, lr_sched, stage, step: int, nonfinite: int,
+                scaler=None):
     from safetensors.torch import save_file
 
     from hypersd_core.models.lora import lora_state_dict
@@ -118,10 +127,12 @@ def _save_state(tmp: Path, unet, optimizer, lr_sched, stage, step: int, nonfinit
              "step": step, "nonfinite": nonfinite}
     if hasattr(stage, "state_dict"):
         extra["stage"] = stage.state_dict()
+    if scaler is not None:  # fp16: the loss scale and its growth count
+        extra["scaler"] = scaler.state_dict()
     torch.save(extra, tmp / "trainer.pt")
 
 
-def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage) -> tuple[int, int]:
+def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage, scaler=None) -> tuple[int, int]:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -131,34 +142,63 @@ def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage) -> tuple[int, int]
     lr_sched.load_state_dict(extra["lr_sched"])
     if "stage" in extra and hasattr(stage, "load_state_dict"):
         stage.load_state_dict(extra["stage"])
+    if scaler is not None and "scaler" in extra:
+        scaler.load_state_dict(extra["scaler"])
     return int(extra["step"]), int(extra["nonfinite"])
 
 
-def _resume_state(run: Run, unet, optimizer, lr_sched, stage) -> tuple[int, int]:
-    """Load the newest intact checkpoint: one that fails its checksums or does not load is
-    skipped with a warning naming it (kept in status.json); (0, 0) when there is none."""
+def _resume_state(run: Run, unet, optimizer, lr_sched, stage, scaler=None) -> tuple[int, int]:
+    """Load the newest intact checkpoint, the same one on every process.
+
+    Rank 0 lists the checkpoints and verifies them (it alone reads their SHA-256) and
+    sends their names. Every process checks that it sees the chosen one (manifest and
+    sizes), or all refuse naming the ranks that do not: a process never falls back to
+    another checkpoint, or to step 0, alone. One that fails its checksums or does not load
+    is skipped on every process with a warning naming it (kept in status.json); (0, 0)
+    when there is none.
+    """
+    main = collective.rank() == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        found = run.checkpoints()
-        for ckpt in reversed(found):
+        names = collective.broadcast([p.name for p in run.checkpoints()] if main else None)
+        state = None
+        for name in reversed(names):
+            ckpt = run.checkpoints_dir / name
+            lacking = collective.missing_on(not runs_mod.checkpoint_problem(ckpt, hashes=False))
+            if lacking:
+                raise ResumeRefusedError(
+                    f"checkpoint {ckpt} (the newest intact one on rank 0) is missing or incomplete "
+                    f"on rank(s) {lacking}: every process must see the run folder; no process resumed")
             try:
-                state = _load_state(ckpt, unet, optimizer, lr_sched, stage)
+                loaded, why = _load_state(ckpt, unet, optimizer, lr_sched, stage, scaler), ""
             except Exception as err:  # e.g. a manifest without checksums over a bad file
-                first = (str(err).strip().splitlines() or [""])[0][:200]
-                warnings.warn(f"skipping checkpoint {ckpt}: it does not load "
-                              f"({type(err).__name__}: {first})", stacklevel=2)
-                continue
-            break
-        else:
-            state = None
-    notes = [str(w.message) for w in caught]
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr, flush=True)
+                loaded, why = None, (str(err).strip().splitlines() or [""])[0][:200]
+                why = f"{type(err).__name__}: {why}"
+            failed = collective.missing_on(loaded is not None)
+            if not failed:
+                state = loaded
+                break
+            warnings.warn(f"skipping checkpoint {ckpt}: it does not load on rank(s) {failed}"
+                          + (f" ({why})" if why else ""), stacklevel=2)
+    notes = collective.broadcast([str(w.message) for w in caught])  # rank 0's view
+    if main:
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
     if state is None and notes:
         raise RuntimeError(f"no intact checkpoint to resume {run.dir} from ({'; '.join(notes)})")
-    if notes:
+    if notes and main:
         run.write_status(warning="; ".join(notes) + f"; resumed from step {state[0]}")
     return state or (0, 0)
+
+
+def _scaler_update(scaler, overflow: bool) -> None:
+    """Advance the fp16 loss scale by the collective verdict (the same on every process),
+    not by this process's own found-inf flag: an overflow lowers it, a finite step counts
+    towards growing it."""
+    if overflow:
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    else:
+        scaler.update()
 
 
 def _weights_finite(unet) -> bool:
@@ -252,6 +292,9 @@ def _train(run: Run, resume: bool) -> dict:
 
     cfg = run.config()
     use_cuda = torch.cuda.is_available()
+    # `accelerate launch --config_file X`: X's mixed_precision, unless it conflicts (one line)
+    cfg = dataclasses.replace(cfg, mixed_precision=collective.launcher_precision(cfg.mixed_precision))
+    check_lora_engine(cfg.stage)  # FSDP / DeepSpeed configs: one line naming the DDP one
     if cfg.mixed_precision == "fp16" and not use_cuda:
         raise ValueError("mixed_precision=fp16 needs a CUDA GPU (its loss scaling is CUDA's); "
                          "use mixed_precision=bf16 or no on the CPU")
@@ -261,20 +304,24 @@ def _train(run: Run, resume: bool) -> dict:
                               **accelerator_kwargs(cfg.report_to, run.dir))
     scaler = accelerator.scaler  # a GradScaler under fp16 (loss scaling), else None
     main = accelerator.is_main_process
-    stop = {"flag": False}
-
-    def on_sigint(signum, frame):
-        stop["flag"] = True
-
-    signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigint)
+    stop = collective.StopRequest(run, main)  # SIGINT / SIGTERM here, STOP file on rank 0
+    if not resume and accelerator.num_processes > 1:
+        # a restarted worker group (torchrun --max-restarts) runs the same command: it
+        # continues from the run's checkpoints, never from step 0 with a fresh LoRA
+        found = collective.broadcast([p.name for p in run.checkpoints(verify=False)] if main else None)
+        if found:
+            resume = True
+            if main:
+                print(f"{run.dir} holds checkpoints (newest {found[-1]}): resuming from them",
+                      file=sys.stderr, flush=True)
     if main:
         run.stop_path.unlink(missing_ok=True) if not resume else None
         # a resumed run keeps showing the step it resumes from (not 0) while it loads, and no
         # ETA from the previous process until this one has measured its speed
         run.write_status(state="running", pid=os.getpid(), total=cfg.steps, error=None,
                          **({"it_s": None, "eta_s": None} if resume else {"step": 0}),
-                         device=str(accelerator.device), processes=accelerator.num_processes)
+                         device=str(accelerator.device), processes=accelerator.num_processes,
+                         mixed_precision=cfg.mixed_precision)
     threads = ThreadShare(cfg.cpu_threads, accelerator.device.type)
     threads.update()
     try:
@@ -302,7 +349,7 @@ def _train(run: Run, resume: bool) -> dict:
 
     step, nonfinite = 0, 0
     if resume:
-        step, nonfinite = _resume_state(run, backbone.unet, optimizer, lr_sched, stage)
+        step, nonfinite = _resume_state(run, backbone.unet, optimizer, lr_sched, stage, scaler)
         if ema is not None and step:
             ema.load(run.checkpoints_dir / f"step-{step:07d}")
         if main:
@@ -316,7 +363,7 @@ def _train(run: Run, resume: bool) -> dict:
     trackers = Trackers(accelerator, cfg.report_to, run.dir.name, cfg.to_dict())
 
     def write_state(tmp: Path, s: int) -> None:
-        _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite)
+        _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite, scaler)
         if ema is not None:
             ema.save(tmp)
 
@@ -329,9 +376,10 @@ def _train(run: Run, resume: bool) -> dict:
         return run.save_checkpoint(
             s, lambda tmp: write_state(tmp, s), cfg.keep_checkpoints)
 
+    stopping = collective.agree(stop.requested())
     try:
         while step < cfg.steps:
-            if stop["flag"] or run.stop_requested():
+            if stopping:  # decided together at the end of the previous step
                 break
             if threads.update() is not None and main and step > step_start:
                 print(f"cpu threads: {threads.threads} (runs on this machine changed)",
@@ -355,18 +403,21 @@ def _train(run: Run, resume: bool) -> dict:
                 total += loss.detach()
                 backpropagated = True
             if backpropagated:
+                # average the (fp16: still scaled) gradients first, then unscale: every
+                # process's GradScaler sees the same overflow and skips the same steps
+                all_reduce_grads(params)  # flat buckets; no-op in one process
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                all_reduce_grads(params)  # flat buckets; no-op in one process
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                # one host sync per step: is the loss and the gradient finite?
-                loss_ok, grad_ok = torch.isfinite(torch.stack([total, grad_norm.float()])).tolist()
             else:
-                grad_norm, loss_ok, grad_ok = torch.zeros(()), True, True
-            if scaler is not None and loss_ok and not grad_ok:
-                scaler.step(optimizer)  # the scaler skips this step and lowers its scale
-                scaler.update()
+                grad_norm = torch.zeros((), device=accelerator.device)
+            # one host sync and one collective per step: the loss and the gradient finite on
+            # every process, and whether any process was asked to stop
+            verdict = collective.step_verdict(total, grad_norm, stop.requested())
+            loss_ok, grad_ok, stopping = verdict.loss_ok, verdict.grad_ok, verdict.stop
+            if scaler is not None and loss_ok and not grad_ok:  # fp16 overflow: skip, lower the scale
                 optimizer.zero_grad(set_to_none=True)
+                _scaler_update(scaler, overflow=True)
                 logs["fp16_scale"] = scaler.get_scale()
                 loss_ok = grad_ok = True
                 backpropagated = False
@@ -374,7 +425,7 @@ def _train(run: Run, resume: bool) -> dict:
                 nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None and backpropagated:
-                    scaler.update()
+                    _scaler_update(scaler, overflow=not grad_ok)
                 if main:
                     run.log_metrics({"step": step + 1, "skipped_nonfinite": nonfinite})
                 if nonfinite >= cfg.max_nonfinite:
@@ -436,12 +487,11 @@ def _train(run: Run, resume: bool) -> dict:
     finally:
         bar.close()
         trackers.close()
-    if step < cfg.steps:
+    if step < cfg.steps:  # stopped: every process at the same step (a collective decision)
         if main:
             save(step)
             run.write_status(state="stopped", step=step)
-        return run.status()
-    if main:
+    elif main:
         save_lora(backbone.unet, run.final_dir, adapter_name=STUDENT)
         if ema is not None:
             from hypersd_core.training.export import EMA_DIR
@@ -473,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status = train(args.run, resume=args.resume)
-    except (RunLockedError, FileNotFoundError, ValueError) as err:  # refused before training
+    except (RunLockedError, FileNotFoundError, ValueError, ResumeRefusedError) as err:  # refused
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception:
