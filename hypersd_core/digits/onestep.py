@@ -49,12 +49,13 @@ def fused_student(init_adapter: str | Path | None = INIT_ADAPTER, device="cpu"):
 
 def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INIT_ADAPTER,
                        log=print):
-    """Returns (student UNet, seconds, last logs with steps_done).
+    """Returns (student UNet, seconds, last logs with steps_done); the UNet is None on the
+    processes that do not hold the gathered weights (ZeRO-3: all but rank 0).
 
     Under ``accelerate launch`` the student goes through ``accelerator.prepare``: data
     parallel, FSDP (assets/accelerate/fsdp-onestep-unet*.yaml, also on the CPU) or
     DeepSpeed ZeRO-2/3 (CUDA). Each process draws its own batches; the returned UNet
-    holds the whole weights on every process (gathered from the shards).
+    holds the whole weights (gathered from the shards).
     """
     from hypersd_core.distill.onestep_unet import OneStepUNetStage
     from hypersd_core.models.backbone import load_backbone
@@ -105,9 +106,11 @@ def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INI
                 + f" {time.perf_counter() - t0:.0f} s")
     logs["steps_done"] = step + 1
     seconds = time.perf_counter() - t0
-    if accelerator.num_processes > 1:  # whole weights in a plain UNet on every process
-        state = collective.broadcast(full_state_dict(accelerator, student))
-        student = fused_student(None, "cpu")
+    if accelerator.num_processes > 1:  # whole weights in a plain UNet (ZeRO-3: on rank 0 only)
+        state = full_state_dict(accelerator, student)
+        student = fused_student(None, "cpu") if state else None
+        if student is None:
+            return None, seconds, logs
         student.load_state_dict(state)
     return student.eval().requires_grad_(False), seconds, logs
 

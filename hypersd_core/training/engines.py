@@ -87,14 +87,19 @@ def make_accelerator(mixed_precision: str = "no", use_cuda: bool | None = None):
 
 
 def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight of a prepared model, whole and on the CPU (gathered from the shards
-    under FSDP / ZeRO-3; every process must call it; rank 0's copy is the one to save)."""
+    """Every weight of a prepared model, whole and on the CPU.
+
+    Every process must call it. FSDP: each sharded tensor is gathered on every process;
+    DeepSpeed ZeRO-3: gathered on rank 0 only (the others get ``{}``); data parallel:
+    the local copy.
+    """
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
 
-        return get_model_state_dict(accelerator.unwrap_model(model), options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
+        state = accelerator.unwrap_model(model).state_dict()
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                for k, v in state.items()}
     state = accelerator.get_state_dict(model)
-    return {k: v.detach().cpu() for k, v in state.items()}
+    return {k: v.detach().cpu() for k, v in (state or {}).items()}

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_folder
+from safetensors.torch import load_file
 
 from hypersd_core.training.config import make_config
 from hypersd_core.training.runs import Run
@@ -120,6 +121,9 @@ def test_overflow_on_one_rank_is_skipped_by_both(outcomes):
     records, _ = out["run"].read_metrics()
     scales = [r["fp16_scale"] for r in records if "fp16_scale" in r]
     assert scales == [2.0**15]  # one skipped step, the scale halved once
+    assert not any("skipped_nonfinite" in r for r in records)
+    lora = load_file(str(out["run"].final_dir / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in lora.values())  # before: NaN on both ranks
     assert _final_state(out["run"])["scaler"]["scale"] == 2.0**15
 
 
