@@ -81,7 +81,9 @@ def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INI
     student, opt = accelerator.prepare(student, opt)  # one process: unchanged
     stage.student = student
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    gen = torch.Generator().manual_seed(cfg.seed + (rank << 40))  # rank 0: the one-process stream
+    # each process its own stream (a CPU generator uses a seed's low 32 bits); rank 0 the
+    # one-process one
+    gen = torch.Generator().manual_seed((cfg.seed + rank * 1_000_003) % 2**32)
     logs: dict = {}
     t0 = time.perf_counter()
     step = -1

@@ -109,10 +109,10 @@ def sample_grid(backbone, cfg: StageConfig, out_path: Path):
     return images
 
 
-def _step_generator(cfg: StageConfig, step: int, rank: int) -> torch.Generator:
+def _step_generator(cfg: StageConfig, step: int, rank: int, world: int = 1) -> torch.Generator:
     """A generator per (seed, step, process): a resumed run draws the same batches, and no
     two (step, process) pairs of a run share one."""
-    return torch.Generator().manual_seed(collective.step_seed(cfg.seed, step, rank))
+    return torch.Generator().manual_seed(collective.step_seed(cfg.seed, step, rank, world))
 
 
 def _save_state(tmp: Path, unet, optimizer, lr_sched, stage, step: int, nonfinite: int,
@@ -384,7 +384,7 @@ def _train(run: Run, resume: bool) -> dict:
             if threads.update() is not None and main and step > step_start:
                 print(f"cpu threads: {threads.threads} (runs on this machine changed)",
                       file=sys.stderr, flush=True)
-            generator = _step_generator(cfg, step, rank)
+            generator = _step_generator(cfg, step, rank, accelerator.num_processes)
             logs: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
             if hasattr(stage, "begin_step"):  # a stage's own optimisers count optimizer steps

@@ -5,6 +5,7 @@ memory plan's table printed as documented."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import make_image_folder
 
 from hypersd_core.training.config import make_config
@@ -13,12 +14,16 @@ from hypersd_core.training.trainer import _step_generator, train
 
 
 def test_step_seeds_never_repeat_across_processes():
-    """A 1024-process run: every (step, process) draws from its own seed (the old
-    ``seed*1_000_003 + step*101 + rank`` gave rank 101 at step 0 the seed of rank 0 at step 1)."""
+    """A 1024-process run: every (step, process) draws its own stream. A CPU generator
+    uses the low 32 bits of its seed; the old ``seed*1_000_003 + step*101 + rank`` gave
+    rank 101 at step 0 the stream of rank 0 at step 1."""
     cfg = make_config({"model": "digits", "seed": 7})
-    seeds = {_step_generator(cfg, step, rank).initial_seed()
-             for step in range(200) for rank in range(1024)}
-    assert len(seeds) == 200 * 1024
+    world = 1024
+    seeds = {_step_generator(cfg, step, rank, world).initial_seed() % 2**32
+             for step in range(200) for rank in range(world)}
+    assert len(seeds) == 200 * world
+    a, b = (torch.randn(4, generator=_step_generator(cfg, 0, r, world)) for r in (0, 101))
+    assert not torch.equal(a, b)
     # one process keeps its stream (a run resumed after this change draws the same batches)
     assert _step_generator(cfg, 5, 0).initial_seed() == 7 * 1_000_003 + 5 * 101
 
