@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 from hypersd_core.training.config import make_config
 from hypersd_core.training.runs import Run
 
+# one pair of processes runs 7 two-process trainings: ~2 CPU-minutes, so `-m slow`
+pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 STEPS = 4
 
