@@ -32,12 +32,16 @@ ALLOWED = {
     "distill": {"models", "rewards", "worlds"},
     "training": {"models", "distill", "rewards", "worlds"},
     "evaluation": {"models", "rewards", "worlds"},
-    "digits": {"models", "distill", "rewards", "training", "evaluation", "worlds"},
-    "scenes": {"models", "distill", "rewards", "training", "evaluation", "worlds", "digits"},
+    # the world-agnostic protocol (budgets, run graph, statistics, the World interface):
+    # below the worlds' experiments, which plug into it
+    "protocol": {"models", "training", "worlds"},
+    "digits": {"models", "distill", "rewards", "training", "evaluation", "worlds", "protocol"},
+    "scenes": {"models", "distill", "rewards", "training", "evaluation", "worlds", "digits",
+               "protocol"},
     "app": {"models", "distill", "rewards", "training", "evaluation", "worlds", "digits",
-            "scenes", "study"},
+            "scenes", "study", "protocol"},
     "bench": {"models", "distill", "rewards", "training", "evaluation", "worlds", "digits",
-              "scenes", "study", "app"},
+              "scenes", "study", "app", "protocol"},
 }
 # The UI packages: what each may import besides hypersd_core (tabs never import each other).
 UI_ALLOWED = {"ui_common": set(), "train_tab": {"ui_common"}, "compare_tab": {"ui_common"}}

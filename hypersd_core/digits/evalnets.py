@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -96,3 +97,67 @@ def load_eval_nets(folder: str | Path) -> tuple[SmallCNN, SmallCNN]:
         net.load_state_dict(load_file(path))
         nets.append(net.eval().requires_grad_(False))
     return nets[0], nets[1]
+
+
+# ---------------------------------------------------------------- the disjoint view
+
+DISJOINT_SEED = 7
+DISJOINT_FILE = "disjoint.safetensors"
+DISJOINT_WIDTH = 16
+
+
+def disjoint_split() -> tuple[np.ndarray, np.ndarray]:
+    """The held-out digits' shapes in two halves (indices into the 1797 digits): the
+    first trains the disjoint feature net, the second is its FD reference. No reward, no
+    training stage and no other evaluation net ever trains on either (they use the train
+    split); the halves share no shape."""
+    held = digits.split_indices()[1]
+    perm = np.random.default_rng(DISJOINT_SEED).permutation(len(held))
+    half = len(held) // 2
+    return np.sort(held[perm[:half]]), np.sort(held[perm[half:]])
+
+
+def shape_images(indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """Every shape of ``indices`` in every colour: images [M,3,32,32] in [-1,1], digit x
+    colour class [M], shape index [M]."""
+    idx = torch.as_tensor(indices).repeat_interleave(len(digits.COLOUR_NAMES))
+    col = torch.arange(len(digits.COLOUR_NAMES)).repeat(len(indices))
+    rgb = torch.tensor([digits.COLOURS[c] for c in digits.COLOUR_NAMES], dtype=torch.float32) / 255
+    images = digits.ink_32()[idx][:, None] * rgb[col][:, :, None, None]
+    return {"images": images * 2 - 1, "classes": digits.labels()[idx] * len(rgb) + col,
+            "shape": idx}
+
+
+def train_disjoint_net(out: str | Path, steps: int = 800, seed: int = 0) -> Path:
+    """The digit x colour feature net on the first half of the held-out shapes only."""
+    data = shape_images(disjoint_split()[0])
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = SmallCNN(80, width=DISJOINT_WIDTH)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    net.train()
+    for _ in tqdm(range(steps), desc="disjoint eval features"):
+        idx = torch.randint(0, len(data["images"]), (128,), generator=g)
+        loss = F.cross_entropy(net(_augment(data["images"][idx], g)), data["classes"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    path = Path(out) / DISJOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def load_disjoint_net(folder: str | Path) -> SmallCNN:
+    path = Path(folder) / DISJOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"evaluation network {path} is missing; rebuild it with "
+            "`python -m hypersd_core.digits.measures --train-disjoint`")
+    net = SmallCNN(80, width=DISJOINT_WIDTH)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                         for k, v in load_file(path).items()})
+    return net.eval().requires_grad_(False)

@@ -3,45 +3,34 @@ is run"): the TSCD chain k8 -> k4 -> k2 -> k1 (-> feedback), DMD2 from the direc
 the LCM and TCD baselines with as many training samples as the whole chain, the ablations and the
 learning-rate search, trained ``--jobs`` runs at a time (one process each):
 
-    python -m hypersd_core.digits.protocol --root runs/protocol --jobs 2
+    python -m hypersd_core.protocol train --world digits --root runs/protocol --jobs 2
+    python -m hypersd_core.digits.protocol --root runs/protocol --jobs 2   # the same
 
-Every run is an ordinary run folder (``train --resume`` works on it); a run starts
-from its parent's final adapter. ``protocol.json`` in the root records each run's
-steps, batch, training samples (including its parents'), state and seconds.
-``--steps-scale`` shrinks every run uniformly (a dry run: 0.01).
+This module is the digits world's part of the protocol (``WORLD``: its runs, shipped
+runs, evaluation and report); the runner, budgets and statistics are world-agnostic
+(``hypersd_core/protocol/``). Every run is an ordinary run folder (``train --resume``
+works on it); a run starts from its parent's final adapter. ``protocol.json`` in the
+root records each run's steps, batch, LoRA rank, training samples and forward-
+equivalents per sample (including its parents'), state and seconds. ``--steps-scale``
+shrinks every run uniformly (a dry run: 0.01).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypersd_core.training.config import load_preset
+from hypersd_core.protocol import runner
+from hypersd_core.protocol.runner import WEIGHTS, RunSpec
+from hypersd_core.protocol.world import World
 from hypersd_core.training.runs import Run
 
-WEIGHTS = "final/pytorch_lora_weights.safetensors"
+__all__ = ["WEIGHTS", "RunSpec", "protocol_runs", "run_protocol", "pack", "ship", "WORLD"]
 LR_POINTS = ("1.0e-4", "3e-4", "1.0e-3")  # the learning-rate search, per method
 PRESET_LR = {"lcm": "3e-4", "tcd": "3e-4", "k8": "1.0e-3"}  # its choices, in the presets
 SWEEP = {"lcm": "digits-lcm", "tcd": "digits-tcd", "k8": "digits-tscd-k8"}
 SWEEP_STEPS = 600
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    name: str
-    preset: str
-    overrides: tuple[str, ...] = ()
-    parent: str | None = None
-    group: str = "main"  # main | ablation | lr-search
-    note: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def protocol_runs() -> list[RunSpec]:
@@ -88,93 +77,14 @@ def protocol_runs() -> list[RunSpec]:
     return runs
 
 
-def _scaled(overrides: list[str], cfg, scale: float) -> list[str]:
-    if scale == 1.0:
-        return overrides
-    steps = max(2, round(cfg.steps * scale))
-    every = max(1, round(cfg.checkpoint_every * scale))
-    return overrides + [f"steps={steps}", f"checkpoint_every={every}", f"sample_every={steps}",
-                        f"log_every={max(1, min(10, steps // 2))}"]
-
-
-def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
-                 steps_scale: float = 1.0, deadline_s: float | None = None,
-                 stop_s: float | None = None, extra: list[str] | None = None,
-                 log=print) -> dict:
-    """Train the graph under ``root``; return (and write) protocol.json's record."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    specs = [s for s in protocol_runs() if only is None or s.name in only]
-    names = {s.name for s in specs}
-    missing = sorted({s.parent for s in specs if s.parent and s.parent not in names})
-    if missing:
-        raise ValueError(f"runs {missing} are parents of selected runs; select them too")
-    record: dict = {"runs": {}, "jobs": jobs, "steps_scale": steps_scale}
-    state = {s.name: "waiting" for s in specs}
-    procs: dict[str, tuple[subprocess.Popen, float]] = {}
-    t0 = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-
-    def samples_of(name: str) -> int:
-        r = record["runs"][name]
-        return r["steps"] * r["batch_size"] + (samples_of(r["parent"]) if r["parent"] else 0)
-
-    while any(v in ("waiting", "running") for v in state.values()):
-        for name, (proc, started) in list(procs.items()):
-            if proc.poll() is None:
-                continue
-            status = Run(root / name).status()
-            ok = proc.returncode == 0 and status.get("state") == "done"
-            state[name] = "done" if ok else "failed"
-            record["runs"][name].update(state=state[name],
-                                        seconds=round(time.perf_counter() - started, 1))
-            log(f"[{time.perf_counter() - t0:6.0f}s] {name}: {state[name]}")
-            del procs[name]
-        elapsed = time.perf_counter() - t0
-        late = deadline_s is not None and elapsed > deadline_s
-        if stop_s is not None and elapsed > stop_s:
-            for name, (proc, _) in procs.items():  # the trainer checkpoints and stops
-                if proc.poll() is None and not record["runs"][name].get("stop_sent"):
-                    proc.send_signal(signal.SIGINT)
-                    record["runs"][name]["stop_sent"] = True
-        for spec in specs:
-            if state[spec.name] != "waiting" or len(procs) >= jobs:
-                continue
-            if spec.parent and state[spec.parent] == "failed" or late:
-                state[spec.name] = "skipped"
-                continue
-            if spec.parent and state[spec.parent] != "done":
-                continue
-            overrides = list(extra or []) + list(spec.overrides)
-            if spec.parent:
-                overrides.append(f"init_adapter={root / spec.parent / WEIGHTS}")
-            cfg = load_preset(spec.preset, overrides)
-            cfg = load_preset(spec.preset, _scaled(overrides, cfg, steps_scale))
-            Run.create(root / spec.name, cfg)
-            record["runs"][spec.name] = {
-                "preset": spec.preset, "overrides": list(spec.overrides), "parent": spec.parent,
-                "group": spec.group, "note": spec.note, "steps": cfg.steps,
-                "batch_size": cfg.batch_size, "lr": cfg.lr, "state": "running"}
-            record["runs"][spec.name]["samples"] = samples_of(spec.name)
-            out = open(root / f"{spec.name}.log", "w")
-            proc = subprocess.Popen([sys.executable, "-m", "hypersd_core.training.trainer",
-                                     "--run", str(root / spec.name)], stdout=out,
-                                    stderr=subprocess.STDOUT, env=env)
-            procs[spec.name] = (proc, time.perf_counter())
-            state[spec.name] = "running"
-            log(f"[{time.perf_counter() - t0:6.0f}s] {spec.name}: started ({cfg.steps} steps)")
-        for name, s in state.items():
-            if s == "skipped" and name not in record["runs"]:
-                record["runs"][name] = {"state": "skipped"}
-        (root / "protocol.json").write_text(json.dumps(record, indent=1))
-        time.sleep(1.0)
-    record["seconds"] = round(time.perf_counter() - t0, 1)
-    (root / "protocol.json").write_text(json.dumps(record, indent=1))
-    return record
-
-
 PACKED_ADAPTERS = ("k8", "k4", "k2", "k1", "k1-direct", "feedback", "dmd", "dmd-nofb", "lcm",
                    "tcd", "k2-advdata", "k1-advdata")
+
+
+def run_protocol(root: str | Path, *args, **kwargs) -> dict:
+    """``protocol.runner.run_protocol`` over the digits runs (``protocol_runs()``)."""
+    kwargs.setdefault("runs", protocol_runs())
+    return runner.run_protocol(root, *args, **kwargs)
 
 
 def pack(root: str | Path, out: str | Path, adapters=PACKED_ADAPTERS) -> None:
@@ -231,38 +141,16 @@ def ship(root: str | Path, out_root: Path | None = None) -> dict:
     return times
 
 
+WORLD = World(name="digits", runs=protocol_runs, shipped=SHIPPED,
+              eval_main="hypersd_core.digits.protocol_eval:main",
+              report_main="hypersd_core.digits.protocol_report:main", ship=ship, pack=pack)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default="runs/protocol")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time")
-    p.add_argument("--only", help="comma-separated run names (with their parents)")
-    p.add_argument("--steps-scale", type=float, default=1.0)
-    p.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
-    p.add_argument("--stop-s", type=float, help="ask running runs to stop after this many seconds")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override for every run (e.g. gradient_checkpointing=off)")
-    p.add_argument("--ship", action="store_true",
-                   help="only export ROOT's main runs as the shipped digits adapters")
-    p.add_argument("--pack", metavar="TAR_GZ",
-                   help="only pack ROOT's records and the shipped runs' fp16 adapters")
-    args = p.parse_args(argv)
-    if args.pack:
-        pack(args.root, args.pack)
-        return 0
-    if args.ship:
-        for name, t in ship(args.root).items():
-            print(f"{name}: {t['steps']} x {t['batch_size']} ({t['samples']} samples with its "
-                  f"parents), {t['seconds']} s")
-        return 0
-    if args.jobs < 1 or args.steps_scale <= 0:
-        raise SystemExit("--jobs must be >= 1 and --steps-scale > 0")
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
-    record = run_protocol(args.root, args.jobs, only, args.steps_scale, args.deadline_s,
-                          args.stop_s, args.set)
-    failed = [n for n, r in record["runs"].items() if r.get("state") != "done"]
-    print(f"protocol: {len(record['runs']) - len(failed)} runs done in {record['seconds']} s; "
-          f"not done: {failed or 'none'}")
-    return 0 if not failed else 1
+    """The digits protocol (same as ``python -m hypersd_core.protocol train --world digits``)."""
+    from hypersd_core.protocol.runner import main as run_main
+
+    return run_main(argv, WORLD)
 
 
 if __name__ == "__main__":

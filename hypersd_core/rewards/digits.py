@@ -3,8 +3,11 @@
 They are kept apart from the measuring networks in ``hypersd_core/evalnets.py`` (a
 reward that is also the metric would be gamed, not measured). Three models:
 
-* ``digits-quality``: aesthetic-style predictor, in [0,1]; real digits high, degraded
-  ones (blurred, noised, erased, colour-scrambled, blank) low. Prompts are ignored.
+* ``digits-quality``: aesthetic-style predictor, in [0,1], conditioned on the prompt's
+  colour: real digits in the prompted colour high; the teacher's 1-, 2- and 4-step images
+  graded below them in that order; noise, off-hue, blurred, erased, colour-scrambled and
+  blank images low (``digits_train.train_quality``). A prompt that is not a digits-world
+  caption scores without a colour (the net was trained with the colour dropped too).
 * ``digits-alignment``: p(digit = prompted digit) * p(colour = prompted colour), in [0,1].
 * ``digits-perception``: ink-mask segmentation + digit label loss against ground
   truth, per sample; lower is better (the digits world's instance-segmentation loss).
@@ -44,12 +47,12 @@ def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
 
 
 class Encoder(nn.Module):
-    """[B,3,32,32] in [0,1] -> features [B,4w] (global average pooled)."""
+    """[B,C,32,32] (images in [0,1], then any condition planes) -> features [B,4w]."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, in_channels: int = 3):
         super().__init__()
         w = width
-        self.net = nn.Sequential(*_block(3, w, 1), *_block(w, 2 * w, 2), *_block(2 * w, 2 * w, 1),
+        self.net = nn.Sequential(*_block(in_channels, w, 1), *_block(w, 2 * w, 2), *_block(2 * w, 2 * w, 1),
                                  *_block(2 * w, 4 * w, 2), *_block(4 * w, 4 * w, 2),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.dim = 4 * w
@@ -58,16 +61,40 @@ class Encoder(nn.Module):
         return self.net(x * 2 - 1)
 
 
-class QualityNet(nn.Module):
-    """Image -> quality logit [B]."""
+COND_DIM = 4  # the prompted colour's RGB and a flag "a colour was given"
 
-    def __init__(self, width: int = 16):
+
+class QualityNet(nn.Module):
+    """Image (and, if ``conditioned``, the prompted colour [B,4]) -> quality logit [B]."""
+
+    def __init__(self, width: int = 16, conditioned: bool = False):
         super().__init__()
-        self.encoder = Encoder(width)
+        self.conditioned = conditioned
+        self.encoder = Encoder(width, 3 + (COND_DIM if conditioned else 0))
         self.head = nn.Linear(self.encoder.dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditioned:
+            if cond is None:
+                cond = x.new_zeros(x.shape[0], COND_DIM)
+            planes = cond[:, :, None, None].to(x.dtype).expand(-1, -1, *x.shape[-2:])
+            # the encoder maps its input from [0,1] to [-1,1]; the planes go through it too
+            x = torch.cat([x, planes], 1)
         return self.head(self.encoder(x))[:, 0]
+
+
+def colour_condition(prompts: Sequence[str]) -> torch.Tensor:
+    """Prompts -> [B,4]: the named colour's RGB in [0,1] and 1, or zeros where a prompt is
+    not a digits-world caption (quality without a colour)."""
+    out = torch.zeros(len(prompts), COND_DIM)
+    for i, p in enumerate(prompts):
+        try:
+            colour, _ = world.parse_caption(p)
+        except ValueError:
+            continue
+        out[i, :3] = torch.tensor(world.COLOURS[colour], dtype=torch.float32) / 255.0
+        out[i, 3] = 1.0
+    return out
 
 
 class AlignmentNet(nn.Module):
@@ -125,7 +152,8 @@ def _check_size(x: torch.Tensor) -> None:
 
 
 class DigitsQuality(Reward):
-    """Quality in [0,1] (sigmoid of the predictor); prompts are ignored."""
+    """Quality in [0,1] (sigmoid of the predictor), given the prompt's colour where the
+    net is conditioned (the shipped one is); other prompts score without a colour."""
 
     name = "digits-quality"
     range = (0.0, 1.0)
@@ -137,7 +165,10 @@ class DigitsQuality(Reward):
         self.net = net or QualityNet()
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.sigmoid(self.net(at_resolution(images)))
+        images = at_resolution(images)
+        if getattr(self.net, "conditioned", False):
+            return torch.sigmoid(self.net(images, colour_condition(prompts).to(images.device)))
+        return torch.sigmoid(self.net(images))
 
 
 def parse_prompts(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +287,8 @@ def load_digits_reward(name: str, path: str | Path | None = None,
             "train_digit_rewards()'")
     reward_cls, net_cls = CLASSES[name]
     meta = _meta(p.parent).get(name, {})
-    net = net_cls(width=int(meta.get("width", 16)))
+    kw = {"conditioned": True} if meta.get("conditioned") else {}
+    net = net_cls(width=int(meta.get("width", 16)), **kw)
     sd = {k: v.float() for k, v in load_file(str(p)).items()}
     net.load_state_dict(sd, strict=True)
     return reward_cls(net).to(device).freeze()

@@ -2,7 +2,16 @@
 
 ``train_digit_rewards()`` trains the quality, alignment and perception CNNs in a few
 minutes on one CPU thread and writes ``assets/digits/rewards/`` (fp16 safetensors and
-``rewards.json``). ``sanity_report()`` measures them on the held-out split.
+``rewards.json``). ``sanity_report()`` measures them on the held-out split;
+``digits_rank.py`` prints the ranking table of the quality reward.
+
+The quality net learns graded levels (``QUALITY_LEVELS``): real digits of the train
+split in the prompted colour at the top, the teacher's 4-, 2- and 1-step images below in
+that order, degraded and off-hue images at the bottom. The teacher's images come from
+the training prompts (``TRAIN_PROMPTS``; the 16 of ``HELDOUT_PROMPTS`` are never used)
+and seeds from ``TRAIN_SEED`` on, disjoint from every evaluation seed (1000-9800).
+
+    python -m hypersd_core.rewards.digits_train --only digits-quality
 """
 
 from __future__ import annotations
@@ -85,6 +94,19 @@ def blank(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 DEGRADATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "blur": blur, "noise": noise, "erase": erase, "colour_mix": colour_mix, "blank": blank,
 }
+OFF_HUE_MIN_DEG = 60.0
+
+
+def off_hue(x: torch.Tensor, colours: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The ink redrawn in a saturated hue at least ``OFF_HUE_MIN_DEG`` degrees from the
+    named colour's (``colours``: palette ids [B]; white: any hue), so the image no longer
+    shows its prompt's colour."""
+    ink = x.amax(1)
+    base = torch.tensor([world.COLOUR_HUES[world.COLOUR_NAMES[int(c)]] or 0.0 for c in colours])
+    white = torch.tensor([world.COLOUR_HUES[world.COLOUR_NAMES[int(c)]] is None for c in colours])
+    offset = OFF_HUE_MIN_DEG + torch.rand(len(colours), generator=g) * (360 - 2 * OFF_HUE_MIN_DEG)
+    hue = torch.where(white, torch.rand(len(colours), generator=g) * 360, base + offset) % 360
+    return ink[:, None] * world.hue_rgb(hue)[:, :, None, None].to(x.dtype)
 
 
 def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -115,6 +137,47 @@ def jitter(x: torch.Tensor, g: torch.Generator, masks: torch.Tensor | None = Non
     return y, m
 
 
+# ---------------------------------------------------------------- the quality net's levels
+
+# 16 of the 80 prompts (every digit and every colour twice) whose teacher images the
+# quality net never sees: the ranking table is measured on them
+HELDOUT_PROMPTS = [p for p, c, d in world.ALL_PROMPTS if (d + world.COLOUR_NAMES.index(c)) % 5 == 0]
+TRAIN_PROMPTS = [p for p, _, _ in world.ALL_PROMPTS if p not in HELDOUT_PROMPTS]
+TRAIN_SEED = 30000
+TEACHER_STEPS = (1, 2, 4)
+QUALITY_LEVELS = {"real": 1.0, "teacher@4": 0.75, "teacher@2": 0.5, "teacher@1": 0.25,
+                  "degraded": 0.0}
+
+
+def teacher_images(steps: int, prompts: list[str], seeds: list[int], sampler=None,
+                   batch_size: int = 256) -> torch.Tensor:
+    """The digits teacher's images at ``steps`` (its own recipe: CFG, trailing spacing below
+    25 steps) as [B,3,32,32] in [0,1]."""
+    import numpy as np
+
+    if sampler is None:
+        from hypersd_core.models.backbone import load_backbone
+        from hypersd_core.models.sampling import Sampler
+
+        sampler = Sampler(load_backbone("digits"))
+    gen = sampler.generate("teacher", steps, prompts, seeds, batch_size=batch_size)
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in gen.images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def teacher_levels(per_level: int, seed: int = TRAIN_SEED) -> dict[int, dict[str, torch.Tensor]]:
+    """{steps: {"images": [N,3,32,32], "colours": [N]}} on the training prompts and seeds."""
+    from hypersd_core.models.backbone import load_backbone
+    from hypersd_core.models.sampling import Sampler
+
+    sampler = Sampler(load_backbone("digits"))
+    prompts = [TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(per_level)]
+    colours = torch.tensor([world.COLOUR_NAMES.index(world.parse_caption(p)[0]) for p in prompts])
+    seeds = [seed + i for i in range(per_level)]
+    return {n: {"images": teacher_images(n, prompts, seeds, sampler), "colours": colours}
+            for n in TEACHER_STEPS}
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -137,18 +200,66 @@ def _train(net: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor]
     return ema or 0.0
 
 
+def quality_batch(idx: torch.Tensor, x_all: torch.Tensor, colours: torch.Tensor,
+                  levels: dict[int, dict[str, torch.Tensor]], g: torch.Generator,
+                  drop_colour: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of the quality net's graded levels: (images [B,3,32,32], colour condition
+    [B,4], target in [0,1] [B]). A quarter real (jittered), a quarter degraded, an eighth
+    off-hue, the rest the teacher's few-step images (real and degraded where there are none);
+    the colour is dropped from ``drop_colour`` of the rows, except off-hue ones (off-hue only
+    means something against a named colour)."""
+    b = idx.shape[0]
+    n_real, n_deg, n_hue = b // 4, b // 4, b // 8
+    parts = [jitter(x_all[idx[:n_real]], g),
+             degrade(x_all[idx[n_real:n_real + n_deg]], g),
+             off_hue(x_all[idx[n_real + n_deg:n_real + n_deg + n_hue]],
+                     colours[idx[n_real + n_deg:n_real + n_deg + n_hue]], g)]
+    cols = [colours[idx[:n_real + n_deg + n_hue]]]
+    target = [torch.full((n_real,), QUALITY_LEVELS["real"]),
+              torch.full((n_deg + n_hue,), QUALITY_LEVELS["degraded"])]
+    rest = idx[n_real + n_deg + n_hue:]
+    if levels:
+        steps = sorted(levels)
+        for j, n in enumerate(steps):
+            k = len(rest) // len(steps) + (j < len(rest) % len(steps))
+            pick = torch.randint(len(levels[n]["images"]), (k,), generator=g)
+            parts.append(jitter(levels[n]["images"][pick], g))
+            cols.append(levels[n]["colours"][pick])
+            target.append(torch.full((k,), QUALITY_LEVELS[f"teacher@{n}"]))
+    else:
+        h = len(rest) // 2
+        parts += [jitter(x_all[rest[:h]], g), degrade(x_all[rest[h:]], g)]
+        cols.append(colours[rest])
+        target += [torch.ones(h), torch.zeros(len(rest) - h)]
+    col = torch.cat(cols)
+    palette = torch.tensor([world.COLOURS[c] for c in world.COLOUR_NAMES], dtype=torch.float32) / 255
+    cond = torch.cat([palette[col], torch.ones(len(col), 1)], 1)
+    drop = torch.rand(len(col), generator=g) < drop_colour
+    drop[n_real + n_deg:n_real + n_deg + n_hue] = False
+    cond[drop] = 0.0
+    return torch.cat(parts), cond, torch.cat(target)
+
+
 def train_digit_rewards(out_dir: str | Path = REWARDS_DIR, steps: int = 600, batch: int = 64,
                         width: int = 16, generator: torch.Generator | None = None,
-                        fp16: bool = True) -> dict[str, Any]:
-    """Train the three digits rewards on the train split and save them.
+                        fp16: bool = True, only: tuple[str, ...] | None = None,
+                        teacher_per_level: int = 1024) -> dict[str, Any]:
+    """Train the digits rewards on the train split and save them.
 
     Args:
         out_dir: folder for ``quality/alignment/perception.safetensors`` + ``rewards.json``.
         steps: optimiser steps per model.
         generator: randomness for batches, augmentations and degradations (default seed 0).
+        only: the rewards to train (default all); the others' files and entries are kept.
+        teacher_per_level: the teacher's images per step count (1, 2, 4) that the quality
+            net learns to grade (training prompts and seeds only); 0: real vs degraded only.
     Returns:
         the metadata written to ``rewards.json`` (with final training losses).
     """
+    names = tuple(only or CLASSES)
+    unknown = sorted(set(names) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"unknown digits rewards {unknown}; known: {sorted(CLASSES)}")
     g = generator or torch.Generator().manual_seed(0)
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))  # weight init
     data = world.DigitsDataset("train").tensors()
@@ -156,16 +267,15 @@ def train_digit_rewards(out_dir: str | Path = REWARDS_DIR, steps: int = 600, bat
     digits, colours, masks = data["digits"], data["colours"], data["masks"]
     n = x_all.shape[0]
     t0 = time.time()
+    levels = (teacher_levels(teacher_per_level)
+              if teacher_per_level > 0 and "digits-quality" in names else {})
+    t_teacher = time.time() - t0
 
-    quality = QualityNet(width)
+    quality = QualityNet(width, conditioned=True)
 
     def q_loss(idx: torch.Tensor) -> torch.Tensor:
-        real = jitter(x_all[idx], g)
-        half = idx.shape[0] // 2
-        fake = degrade(x_all[idx[:half]], g)
-        logits = quality(torch.cat([real, fake]))
-        target = torch.cat([torch.ones(real.shape[0]), torch.zeros(half)])
-        return F.binary_cross_entropy_with_logits(logits, target)
+        x, cond, target = quality_batch(idx, x_all, colours, levels, g)
+        return F.binary_cross_entropy_with_logits(quality(x, cond), target)
 
     align = AlignmentNet(width)
 
@@ -180,21 +290,30 @@ def train_digit_rewards(out_dir: str | Path = REWARDS_DIR, steps: int = 600, bat
         mask_logits, d_logits = seg(x)
         return segmentation_loss(mask_logits, d_logits, m, digits[idx]).mean()
 
-    losses = {}
-    for name, net, fn in (("digits-quality", quality, q_loss), ("digits-alignment", align, a_loss),
-                          ("digits-perception", seg, s_loss)):
-        losses[name] = _train(net, fn, n, steps, batch, g)
+    nets = {"digits-quality": (quality, q_loss), "digits-alignment": (align, a_loss),
+            "digits-perception": (seg, s_loss)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    old = json.loads((out / "rewards.json").read_text()) if (out / "rewards.json").is_file() else {}
     meta: dict[str, Any] = {"trained_on": "digits train split", "steps": steps, "batch": batch,
-                            "seconds": round(time.time() - t0, 1), "rewards": {}}
-    for name, net in (("digits-quality", quality), ("digits-alignment", align), ("digits-perception", seg)):
+                            "rewards": old.get("rewards", {})}
+    for name in names:
+        net, fn = nets[name]
+        t1 = time.time()
+        loss = _train(net, fn, n, steps, batch, g)
         sd = {k: (v.half() if fp16 else v).contiguous() for k, v in net.state_dict().items()}
         save_file(sd, str(out / FILES[name]))
         cls = CLASSES[name][0]
-        meta["rewards"][name] = {"file": FILES[name], "width": width, "range": cls.range,
-                                 "higher_is_better": cls.higher_is_better,
-                                 "final_train_loss": round(losses[name], 4)}
+        entry = {"file": FILES[name], "width": width, "range": cls.range,
+                 "higher_is_better": cls.higher_is_better, "steps": steps, "batch": batch,
+                 "seconds": round(time.time() - t1, 1), "final_train_loss": round(loss, 4)}
+        if name == "digits-quality":
+            entry.update(conditioned=True, levels=QUALITY_LEVELS,
+                         teacher_per_level=teacher_per_level if levels else 0,
+                         teacher_seconds=round(t_teacher, 1),
+                         teacher_prompts="TRAIN_PROMPTS (64 of 80)", teacher_seeds=TRAIN_SEED)
+        meta["rewards"][name] = entry
+    meta["seconds"] = round(time.time() - t0, 1)
     (out / "rewards.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -234,9 +353,26 @@ def sanity_report(path: str | Path | None = None, n: int = 512, seed: int = 1) -
     return r
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    import argparse
 
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 600
-    print(json.dumps(train_digit_rewards(steps=steps), indent=2))
-    print(json.dumps(sanity_report(), indent=2))
+    p = argparse.ArgumentParser(description="Train the digits rewards (train split only).")
+    p.add_argument("--out", default=str(REWARDS_DIR))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--only", help="comma-separated reward names (default: all three)")
+    p.add_argument("--teacher-per-level", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.teacher_per_level < 0:
+        raise SystemExit("--steps must be >= 1 and --teacher-per-level >= 0")
+    only = tuple(s.strip() for s in args.only.split(",")) if args.only else None
+    meta = train_digit_rewards(args.out, steps=args.steps, only=only,
+                               teacher_per_level=args.teacher_per_level,
+                               generator=torch.Generator().manual_seed(args.seed))
+    print(json.dumps(meta, indent=2))
+    print(json.dumps(sanity_report(args.out), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

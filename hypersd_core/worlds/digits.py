@@ -90,6 +90,36 @@ def colourise(ink: torch.Tensor, colour: str) -> torch.Tensor:
     return ink.unsqueeze(-3) * rgb.view(3, 1, 1)
 
 
+def rgb_hue(rgb: torch.Tensor) -> torch.Tensor:
+    """Hue in degrees [0, 360) of RGB values along dim -3 ([..., 3, H, W] -> [..., H, W]);
+    HSV's hexagonal hue, 0 for greys."""
+    r, g, b = rgb.unbind(-3)
+    mx, mn = rgb.amax(-3), rgb.amin(-3)
+    d = (mx - mn).clamp(min=1e-8)
+    h = torch.where(mx == r, ((g - b) / d) % 6, torch.where(mx == g, (b - r) / d + 2,
+                                                             (r - g) / d + 4))
+    return torch.where(mx - mn > 1e-8, h * 60.0, torch.zeros_like(h)) % 360.0
+
+
+def hue_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Circular distance in degrees between hues ``a`` and ``b`` (broadcast), in [0, 180]."""
+    d = (a - b).abs() % 360.0
+    return torch.minimum(d, 360.0 - d)
+
+
+def hue_rgb(hue: torch.Tensor) -> torch.Tensor:
+    """Fully saturated, full-value RGB of hues in degrees: [...] -> [..., 3] in [0, 1]."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + hue[..., None] / 60.0) % 6
+    return 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+# the named colours' hues in degrees; white has none (None)
+COLOUR_HUES: dict[str, float | None] = {
+    c: (None if len(set(v)) == 1 else float(rgb_hue(torch.tensor(v, dtype=torch.float32)
+                                                     .view(3, 1, 1))[0, 0]))
+    for c, v in COLOURS.items()}
+
+
 @dataclass(frozen=True)
 class Sample:
     image: torch.Tensor  # [3, 32, 32] in [-1, 1]
