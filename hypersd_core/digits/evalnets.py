@@ -128,7 +128,7 @@ def shape_images(indices: np.ndarray) -> dict[str, torch.Tensor]:
             "shape": idx}
 
 
-def train_disjoint_net(out: str | Path, steps: int = 800, seed: int = 0) -> Path:
+def train_disjoint_net(out: str | Path, steps: int = 300, seed: int = 0, batch: int = 64) -> Path:
     """The digit x colour feature net on the first half of the held-out shapes only."""
     data = shape_images(disjoint_split()[0])
     g = torch.Generator().manual_seed(seed)
@@ -138,7 +138,7 @@ def train_disjoint_net(out: str | Path, steps: int = 800, seed: int = 0) -> Path
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     net.train()
     for _ in tqdm(range(steps), desc="disjoint eval features"):
-        idx = torch.randint(0, len(data["images"]), (128,), generator=g)
+        idx = torch.randint(0, len(data["images"]), (batch,), generator=g)
         loss = F.cross_entropy(net(_augment(data["images"][idx], g)), data["classes"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-disjoint", action="store_true",
                    help="train the disjoint feature net into --out")
     p.add_argument("--out", help="folder (default: assets/digits/eval)")
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=300)
     args = p.parse_args(argv)
     if not args.train_disjoint:
         p.error("nothing to do: pass --train-disjoint")

@@ -1,16 +1,19 @@
-"""Digits metrics with uncertainty, in two feature spaces.
+"""Digits metrics with uncertainty, in four feature spaces and per-image measures.
 
 - ``project``: the evaluation feature net (``evalnets.py``, trained on the digits
-  training split for digit x colour classes).
+  training split for digit x colour classes; the rewards train on that split too).
 - ``random``: a convolutional net with fixed random weights (seed 1234, never trained)
-  whose pooled activations describe colour, strokes and layout. No training stage and
-  no reward sees it, and it was not fitted to any data, so a model cannot learn to
-  please it by optimising the project's rewards (which share the training split with
-  the project's feature net).
+  whose pooled activations describe colour, strokes and layout.
+- ``pixel``: no features at all: images pooled to 8x8 RGB (``measures.py``); FD and KID.
+- ``disjoint``: a feature net trained on half of the held-out shapes, measured against
+  the other half (``measures.py``): data disjoint from every reward and training split.
+- per image: digit and colour accuracy, hue error (degrees from the prompted colour),
+  stray ink, and the stroke's edge width (judged by its gap to real digits' width).
 
-``row_arrays`` turns images into per-image arrays (features in both spaces, digit and
-colour correctness); ``summarize`` gives FD vs real, FD vs the teacher's reference set
-and the accuracies, each with a bootstrap 95% interval.
+``row_arrays`` turns images into per-image arrays; ``summarize`` gives every FD / KID to
+real digits (reference resampled by shape: the 8 colourings of one handwritten digit are
+one cluster) and to the teacher's reference set, and the per-image means, each with a
+bootstrap 95% interval (1,000 replicates by default; ``protocol/summary.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ import numpy as np
 import torch
 
 from hypersd_core.digits.frechet import fd, fd_from_stats, gaussian_stats  # noqa: F401
+from hypersd_core.protocol.summary import Measures, References, paired_differences, summarize_row
+
+MEASURES = Measures(
+    spaces={"project": "", "random": "_random", "pixel": "_pixel", "disjoint": "_disjoint"},
+    kid_spaces=("pixel",), clusters={"disjoint": "disjoint_cluster"},
+    rates={"digit_ok": "digit_acc", "colour_ok": "colour_acc"},
+    means=("hue_err", "stray_ink"), gaps=("edge_width",))
+N_BOOT = 1000
 
 RANDOM_SEED = 1234
 
@@ -58,9 +69,18 @@ class DigitsMetrics:
         self.random = RandomFeatureNet().to(device)
         self.featnet = self.ev.featnet.to(device)
         self.classifier = self.ev.classifier.to(device)
-        held = (digits.DigitsDataset("heldout").tensors()["images"] + 1) / 2
+        from hypersd_core.digits.measures import IndependentViews
+
+        self.views = IndependentViews(device=device)
+        data = digits.DigitsDataset("heldout")
+        held = (data.tensors()["images"] + 1) / 2
+        colours = list(data.colours) * len(data.indices)
+        views = self.views.arrays(held, [digits.caption(c, 0) for c in colours])
         self.real = {"project": self._features(self.featnet, held, True),
-                     "random": self._features(self.random, held)}
+                     "random": self._features(self.random, held),
+                     "cluster": np.repeat(data.indices, len(data.colours)).astype(np.int32),
+                     **{k: views[k] for k in ("pixel", "edge_width", "stray_ink", "hue_err")},
+                     **self.views.real_arrays()}
 
     @torch.no_grad()
     def _features(self, net, x01: torch.Tensor, signed: bool = False) -> np.ndarray:
@@ -84,83 +104,43 @@ class DigitsMetrics:
         return {"project": self._features(self.featnet, x, True),
                 "random": self._features(self.random, x),
                 "digit_ok": (pred == want_digit).numpy(),
-                "colour_ok": (ink_colour(x) == want_colour).numpy()}
+                "colour_ok": (ink_colour(x) == want_colour).numpy(),
+                **self.views.arrays(x, prompts)}
 
 
 def point_metrics(arrays: dict, real: dict, teacher: dict | None = None) -> dict:
     """The summary without intervals (fast: one FD per space and reference)."""
-    out = {"digit_acc": 100 * float(arrays["digit_ok"].mean()),
-           "colour_acc": 100 * float(arrays["colour_ok"].mean()), "n": len(arrays["digit_ok"])}
-    refs = {"real": real, **({"teacher": teacher} if teacher is not None else {})}
-    for space in ("project", "random"):
-        for ref_name, ref in refs.items():
-            key = f"fd_{ref_name}" + ("" if space == "project" else "_random")
-            out[key] = fd(arrays[space], ref[space])
-    return out
+    refs = References({"real": real, **({"teacher": teacher} if teacher is not None else {})},
+                      MEASURES, n_boot=0)
+    out = summarize_row(arrays, refs)
+    return {k: v for k, v in out.items() if not k.endswith("_ci") and k != "n_boot"}
 
 
 def _interval(values: list[float]) -> list[float]:
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
-def summarize(arrays: dict, real: dict, teacher: dict | None = None, n_boot: int = 200,
-              seed: int = 0) -> dict:
-    """fd_real / fd_teacher in both spaces, digit_acc / colour_acc (%), each with a
-    bootstrap 95% interval (``*_ci``: images resampled with replacement, the reference
-    sets too)."""
-    rng = np.random.default_rng(seed)
-    n = len(arrays["digit_ok"])
-    out: dict = {}
-    for key in ("digit_ok", "colour_ok"):
-        v = arrays[key].astype(np.float64)
-        name = key.replace("_ok", "_acc")
-        out[name] = 100 * float(v.mean())
-        out[name + "_ci"] = _interval([100 * v[rng.integers(0, n, n)].mean() for _ in range(n_boot)])
-    refs = {"real": real, **({"teacher": teacher} if teacher is not None else {})}
-    for space in ("project", "random"):
-        f = arrays[space]
-        for ref_name, ref in refs.items():
-            r = ref[space]
-            key = f"fd_{ref_name}" + ("" if space == "project" else "_random")
-            out[key] = fd(f, r)
-            boots = []
-            for _ in range(n_boot // 4):  # sqrtm of every resample: a quarter as many draws
-                boots.append(fd(f[rng.integers(0, n, n)], r[rng.integers(0, len(r), len(r))]))
-            # a resample holds duplicates, which raises its FD (by far more than the spread
-            # at a few hundred images): the percentiles are shifted back by that bias, so the
-            # interval keeps the bootstrap's width around the estimate
-            q_lo, q_hi = _interval(boots)
-            bias = float(np.mean(boots)) - out[key]
-            out[key + "_ci"] = [max(0.0, q_lo - bias), q_hi - bias]
-    out["n"] = n
-    return out
+def summarize(arrays: dict, real: dict, teacher: dict | None = None, n_boot: int = N_BOOT,
+              seed: int = 0, refs: References | None = None) -> dict:
+    """Every FD / KID (vs real and vs the teacher's set), the accuracies (%) and the
+    per-image measures, each with a bootstrap 95% interval (``*_ci``). ``refs``: reference
+    replicates built once for many rows (``References(..., MEASURES, n_boot)``)."""
+    if refs is None:
+        refs = References({"real": real, **({"teacher": teacher} if teacher is not None
+                                            else {})}, MEASURES, n_boot, seed)
+    return summarize_row(arrays, refs, seed)
 
 
 FD_FIELDS = {"fd_real": ("project", "real"), "fd_teacher": ("project", "teacher"),
              "fd_real_random": ("random", "real"), "fd_teacher_random": ("random", "teacher")}
 
 
-def paired_difference(a: dict, b: dict, refs: dict, key: str = "fd_real", n_boot: int = 100,
-                      seed: int = 0) -> dict:
-    """FD(a) - FD(b) (``key`` of FD_FIELDS; ``refs``: {"real": ..., "teacher": ...}) with a
-    paired bootstrap 95% interval: every replicate draws one set of image indices for both
-    rows (image i of each row has the same prompt and seed) and one of the reference set,
-    so what the rows share (the prompts drawn, the reference sample, FD's small-sample
-    bias) cancels in the difference. Negative: ``a`` is closer. ``a_better`` is the share
-    of replicates with a negative difference."""
-    space, ref_name = FD_FIELDS[key]
-    fa, fb, r = a[space], b[space], refs[ref_name][space]
-    if len(fa) != len(fb):
-        raise ValueError(f"paired rows need the same images: {len(fa)} vs {len(fb)}")
-    rng = np.random.default_rng(seed)
-    point = fd(fa, r) - fd(fb, r)
-    boots = []
-    for _ in range(n_boot):
-        i, j = rng.integers(0, len(fa), len(fa)), rng.integers(0, len(r), len(r))
-        rj = gaussian_stats(r[j])
-        boots.append(fd_from_stats(*gaussian_stats(fa[i]), *rj)
-                     - fd_from_stats(*gaussian_stats(fb[i]), *rj))
-    bias = float(np.mean(boots)) - point
-    lo, hi = _interval(boots)
-    return {"diff": point, "ci": [lo - bias, hi - bias],
-            "a_better": float(np.mean(np.array(boots) < 0))}
+def paired_difference(a: dict, b: dict, refs: dict | References, key: str = "fd_real",
+                      n_boot: int = 100, seed: int = 0) -> dict:
+    """``key`` of row a minus row b with a paired bootstrap 95% interval (negative: ``a``
+    is better; see ``protocol.summary.paired_differences``): {"diff", "ci", "a_better",
+    "p"}. ``refs``: {"real": ..., "teacher": ...} arrays or prebuilt ``References``."""
+    if not isinstance(refs, References):
+        refs = References({k: v for k, v in refs.items() if v is not None}, MEASURES, n_boot,
+                          seed)
+    return paired_differences(a, b, refs, seed)[key]

@@ -204,8 +204,10 @@ def run_eval(root: str | Path, out: str | Path, device: str = "cpu",
         if spec["save"]:
             saved[f"{spec['seeds']}/{spec['id']}"] = arrays
         log(f"{spec['seeds']:>5} {spec['id']:<34} FD {row['fd_real']:6.2f} / teacher "
-            f"{row['fd_teacher']:5.2f}  random {row['fd_real_random']:6.2f}  digit "
-            f"{row['digit_acc']:5.1f}")
+            f"{row['fd_teacher']:5.2f}  random {row['fd_real_random']:6.2f}  pixel "
+            f"{row.get('fd_real_pixel', float('nan')):6.3f}  disjoint "
+            f"{row.get('fd_real_disjoint', float('nan')):6.2f}  hue err "
+            f"{row.get('hue_err', float('nan')):5.1f}  digit {row['digit_acc']:5.1f}")
         (out / "rows.json").write_text(json.dumps(results, indent=1))
     save_arrays(saved, metrics.real, out)
     if trajectories:
@@ -237,6 +239,13 @@ def run_eval(root: str | Path, out: str | Path, device: str = "cpu",
     return results
 
 
+def _compact(arr: np.ndarray) -> np.ndarray:
+    """float -> float16, bool -> uint8, integers (cluster ids) -> int32."""
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float16)
+    return arr.astype(np.uint8) if arr.dtype == bool else arr.astype(np.int32)
+
+
 def save_arrays(saved: dict, real: dict, out: Path, files: int = 3) -> None:
     """Per-image arrays as float16 / uint8 in at most ``files`` npz files."""
     keys = sorted(saved)
@@ -246,11 +255,10 @@ def save_arrays(saved: dict, real: dict, out: Path, files: int = 3) -> None:
         flat = {}
         for key in chunk:
             for field, arr in saved[key].items():
-                flat[f"{key}|{field}"] = (arr.astype(np.float16) if arr.dtype == np.float32
-                                          else arr.astype(np.uint8))
+                flat[f"{key}|{field}"] = _compact(arr)
         if j == 0:
             for space, arr in real.items():
-                flat[f"real|{space}"] = arr.astype(np.float16)
+                flat[f"real|{space}"] = _compact(arr)
         np.savez_compressed(out / f"arrays-{j}.npz", **flat)
 
 

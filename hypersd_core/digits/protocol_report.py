@@ -4,8 +4,10 @@ tune seeds, reported on the eval seeds with bootstrap 95% intervals.
     python -m hypersd_core.digits.protocol_report --eval results/protocol \
         --protocol runs/protocol/protocol.json --out assets/results/protocol
 
-Writes OUT.json, OUT.md (results, eta, ablation, learning-rate tables) and OUT.png
-(results against steps) plus OUT-curves.png (quality against training samples).
+Writes OUT.json, OUT.md (results, who leads with Holm's correction, the independent
+views, the budget per run, eta, ablation, learning-rate tables) and OUT.png (results
+against steps) plus OUT-curves.png (quality against training samples). Also
+``python -m hypersd_core.protocol report --world digits ...``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def load_arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
             for key in z.files:
                 row, field = key.rsplit("|", 1)
                 arr = z[key]
-                rows.setdefault(row, {})[field] = (arr.astype(np.float32) if arr.dtype == np.float16
-                                                   else arr.astype(bool))
+                rows.setdefault(row, {})[field] = (
+                    arr.astype(np.float32) if arr.dtype.kind == "f"
+                    else arr.astype(bool) if arr.dtype == np.uint8 else arr)
     return rows
 
 
@@ -62,16 +65,25 @@ def choose(rows: list[dict]) -> dict:
     return {"eta": eta, "lr_search": lr}
 
 
-def interval_rows(arrays: dict, rows: list[dict], n_boot: int = 200) -> list[dict]:
-    real = arrays.get("real")
-    teacher = arrays.get("ref/teacher@25")
+def references(arrays: dict, n_boot: int = 1000):
+    """The real and teacher reference sets with their bootstrap replicates (built once)."""
+    from hypersd_core.digits.metrics import MEASURES
+    from hypersd_core.protocol.summary import References
+
+    sets = {k: arrays[key] for k, key in (("real", "real"), ("teacher", "ref/teacher@25"))
+            if key in arrays}
+    return References(sets, MEASURES, n_boot) if "real" in sets else None
+
+
+def interval_rows(arrays: dict, rows: list[dict], n_boot: int = 1000, refs=None) -> list[dict]:
+    refs = refs or references(arrays, n_boot)
     out = []
     for row in rows:
         key = f"{row['seeds']}/{row['id']}"
-        if row["seeds"] != "eval" or key not in arrays or real is None:
+        if row["seeds"] != "eval" or key not in arrays or refs is None:
             continue
         out.append({**{k: row[k] for k in ("id", "method", "steps", "eta")},
-                    **summarize(arrays[key], real, teacher, n_boot=n_boot)})
+                    **summarize(arrays[key], None, refs=refs)})
     return out
 
 
@@ -87,16 +99,24 @@ def hypersd_choice(rows: list[dict], eta: dict) -> dict[int, str]:
 
 
 LEAD_KEYS = ("fd_real", "fd_teacher", "fd_real_random", "fd_teacher_random")
+# the views that share no net with the rewards (measures.py): pixels, the disjoint net,
+# and what 1-step images get wrong
+VIEW_KEYS = ("fd_real_pixel", "kid_real_pixel", "fd_real_disjoint", "fd_teacher_disjoint",
+             "hue_err", "edge_width_gap", "stray_ink")
+ALPHA = 0.05
 
 
-def leads(arrays: dict, rows: list[dict], eta: dict, n_boot: int = 100) -> list[dict]:
+def leads(arrays: dict, rows: list[dict], eta: dict, n_boot: int = 1000, refs=None) -> list[dict]:
     """Hyper-SD against LCM and TCD at each step count, and unified@1 against LCM@4 /
-    TCD@4: paired differences of every FD with 95% intervals (metrics.paired_difference)."""
-    from hypersd_core.digits.metrics import paired_difference
+    TCD@4: paired differences of every FD and independent view with 95% intervals and
+    Holm-adjusted p-values over the whole table (every pair and every measure: one
+    family), so a verdict "ahead" or "behind" is one that survives the multiplicity."""
+    from hypersd_core.protocol.stats import holm
+    from hypersd_core.protocol.summary import paired_differences
 
-    refs = {"real": arrays.get("real"), "teacher": arrays.get("ref/teacher@25")}
-    if refs["real"] is None or refs["teacher"] is None:
+    if "real" not in arrays or "ref/teacher@25" not in arrays:
         return []
+    refs = refs or references(arrays, n_boot)
     pick = hypersd_choice(rows, eta)
     pairs = [(n, pick[n], f"{b}@{n}") for n in STEPS for b in ("lcm", "tcd")]
     pairs += [(1, f"unified@1/eta{eta.get(1, 1.0)}", f"{b}@4") for b in ("lcm", "tcd")]
@@ -105,17 +125,29 @@ def leads(arrays: dict, rows: list[dict], eta: dict, n_boot: int = 100) -> list[
         a, b = arrays.get(f"eval/{a_id}"), arrays.get(f"eval/{b_id}")
         if a is None or b is None:
             continue
-        rec = {"steps": n, "hypersd": a_id, "baseline": b_id}
-        for key in LEAD_KEYS:
-            rec[key] = paired_difference(a, b, refs, key, n_boot=n_boot)
-        ahead = sum(rec[k]["ci"][1] < 0 for k in LEAD_KEYS)
-        behind = sum(rec[k]["ci"][0] > 0 for k in LEAD_KEYS)
-        rec["verdict"] = (f"ahead on {ahead} of 4" if ahead and not behind else
-                          f"behind on {behind} of 4" if behind and not ahead else
-                          "level on all 4" if not (ahead or behind) else
-                          f"ahead on {ahead}, behind on {behind}")
-        out.append(rec)
+        diffs = paired_differences(a, b, refs)
+        out.append({"steps": n, "hypersd": a_id, "baseline": b_id,
+                    **{k: diffs[k] for k in LEAD_KEYS + VIEW_KEYS if k in diffs}})
+    tests = [(i, k) for i, r in enumerate(out) for k in LEAD_KEYS + VIEW_KEYS if k in r]
+    for (i, k), p_adj in zip(tests, holm([out[i][k]["p"] for i, k in tests])):
+        out[i][k]["p_holm"] = p_adj
+    for r in out:
+        for group, keys in (("verdict", LEAD_KEYS), ("verdict_views", VIEW_KEYS)):
+            present = [k for k in keys if k in r]
+            sig = [k for k in present if r[k]["p_holm"] < ALPHA]
+            ahead = sum(r[k]["diff"] < 0 for k in sig)
+            behind = len(sig) - ahead
+            m = len(present)
+            r[group] = (f"ahead on {ahead} of {m}" if ahead and not behind else
+                        f"behind on {behind} of {m}" if behind and not ahead else
+                        f"level on all {m}" if not sig else f"ahead on {ahead}, behind on {behind}")
     return out
+
+
+def _lead_cell(rec: dict, digits: int) -> str:
+    d, (lo, hi) = rec["diff"], rec["ci"]
+    mark = "*" if rec.get("p_holm", 1.0) < ALPHA else ""
+    return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
 
 
 def leads_table(lead_rows: list[dict]) -> str:
@@ -123,13 +155,29 @@ def leads_table(lead_rows: list[dict]) -> str:
              "(random) | dFD vs teacher (random) | Hyper-SD |",
              "|---|---|---|---|---|---|---|---|"]
     for r in lead_rows:
-        cells = []
-        for key in LEAD_KEYS:
-            d, (lo, hi) = r[key]["diff"], r[key]["ci"]
-            digits = 2 if "random" not in key else 3
-            cells.append(f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]")
+        cells = [_lead_cell(r[k], 2 if "random" not in k else 3) if k in r else "-"
+                 for k in LEAD_KEYS]
         lines.append(f"| {r['steps']} | {r['hypersd']} | {r['baseline']} | " + " | ".join(cells)
                      + f" | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def views_leads_table(lead_rows: list[dict]) -> str:
+    lines = ["| steps | Hyper-SD row | against | dFD pixels vs real | dKID pixels vs real (x1000) "
+             "| dFD disjoint vs real | dFD disjoint vs teacher | d hue error (deg) | d edge-width "
+             "gap to real (px) | d stray ink | Hyper-SD |", "|---|---|---|" + "---|" * 8]
+    for r in lead_rows:
+        cells = []
+        for k in VIEW_KEYS:
+            if k not in r:
+                cells.append("-")
+                continue
+            rec = r[k]
+            if k.startswith("kid"):
+                rec = {**rec, "diff": 1000 * rec["diff"], "ci": [1000 * c for c in rec["ci"]]}
+            cells.append(_lead_cell(rec, 1 if k == "hue_err" else 3))
+        lines.append(f"| {r['steps']} | {r['hypersd']} | {r['baseline']} | " + " | ".join(cells)
+                     + f" | {r.get('verdict_views', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +214,50 @@ def results_table(ci_rows: list[dict], eta: dict) -> str:
                          f"{_cell(r, 'fd_real_random')} | {_cell(r, 'fd_teacher_random')} | "
                          f"{_cell(r, 'digit_acc', 1)} | {_cell(r, 'colour_acc', 1)} |")
     return "\n".join(lines) + "\n"
+
+
+def views_table(ci_rows: list[dict], eta: dict, real_edge: float | None) -> str:
+    """The independent views per row: pixel FD / KID, the disjoint net's FD, hue error,
+    edge width and stray ink (``measures.py``)."""
+    by_id = {r["id"]: r for r in ci_rows}
+    lines = ["| method | steps | FD pixels vs real | KID pixels vs real (x1000) | FD disjoint vs "
+             "real | FD disjoint vs teacher | hue error (deg) | edge width (px"
+             + (f"; real {real_edge:.2f}" if real_edge is not None else "") + ") | stray ink |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, key, digits=2, scale=1.0):
+        if key not in r:
+            return "-"
+        lo, hi = r[key + "_ci"]
+        return f"{scale * r[key]:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+    order = [("teacher", "teacher@{n}"), ("lcm", "lcm@{n}"), ("tcd", "tcd@{n}"),
+             ("hypersd", "hypersd@{n}"), ("hypersd-unified", "unified@{n}/eta{e}")]
+    for label, pattern in order:
+        for n in STEPS + ((25,) if label == "teacher" else ()):
+            r = by_id.get(pattern.format(n=n, e=eta.get(n, 1.0)))
+            if r is None or "fd_real_pixel" not in r:
+                continue
+            lines.append(f"| {label} | {n} | {cell(r, 'fd_real_pixel', 3)} | "
+                         f"{cell(r, 'kid_real_pixel', 2, 1000)} | {cell(r, 'fd_real_disjoint')} | "
+                         f"{cell(r, 'fd_teacher_disjoint')} | {cell(r, 'hue_err', 1)} | "
+                         f"{cell(r, 'edge_width')} | {cell(r, 'stray_ink', 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def floors(arrays: dict) -> dict[str, float]:
+    """Real vs real FD in every space: two halves of the reference that share no shape."""
+    from hypersd_core.digits.metrics import MEASURES
+    from hypersd_core.protocol.stats import cluster_split, fd
+
+    real = arrays.get("real", {})
+    out = {}
+    for space in MEASURES.spaces:
+        clusters = real.get(MEASURES.clusters.get(space, "cluster"))
+        if space in real and clusters is not None:
+            a, b = cluster_split(clusters, np.random.default_rng(0))
+            out[space] = fd(real[space][a], real[space][b])
+    return out
 
 
 def simple_table(ci_rows: list[dict], ids: list[tuple[str, str]]) -> str:
@@ -310,7 +402,10 @@ def plot_results(ci_rows: list[dict], eta: dict, out_png: Path) -> None:
 
 
 def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Path,
-           n_boot: int = 200) -> dict:
+           n_boot: int = 1000) -> dict:
+    import time
+
+    t0 = time.perf_counter()
     dirs = [Path(d) for d in (eval_dir if isinstance(eval_dir, (list, tuple)) else [eval_dir])]
     out = Path(out)
     results = [json.loads((d / "rows.json").read_text()) for d in dirs]
@@ -322,18 +417,37 @@ def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Pa
     for d in dirs:
         arrays.update(load_arrays(d))
     chosen = choose(rows)
-    ci = interval_rows(arrays, rows, n_boot)
-    lead_rows = leads(arrays, rows, chosen["eta"], max(50, n_boot // 2))
+    refs = references(arrays, n_boot)
+    ci = interval_rows(arrays, rows, n_boot, refs)
+    lead_rows = leads(arrays, rows, chosen["eta"], n_boot, refs)
     out.parent.mkdir(parents=True, exist_ok=True)
     curve_pts = curves(rows, protocol, out.with_name(out.name + "-curves.png"))
     plot_results(ci, chosen["eta"], out.with_suffix(".png"))
     n = ci[0]["n"] if ci else 0
-    md = [f"#### Results (eval seeds, {n} images per row, bootstrap 95% intervals)\n",
+    floor = floors(arrays)
+    real_edge = (float(np.nanmean(arrays["real"]["edge_width"]))
+                 if "edge_width" in arrays.get("real", {}) else None)
+    floor_line = ", ".join(f"{k} {v:.3f}" for k, v in floor.items())
+    from hypersd_core.protocol.budget import budget_table
+
+    md = [f"#### Results (eval seeds, {n} images per row, bootstrap 95% intervals, {n_boot} "
+          "replicates; real digits resampled by shape)\n",
           results_table(ci, chosen["eta"]),
-          f"\nFD floor (real vs real, two held-out halves, project space): {res['fd_floor']:.2f}\n",
+          f"\nFD floor (real vs real, two held-out halves that share no shape): "
+          f"{res['fd_floor']:.2f}" + (f"; per space: {floor_line}" if floor else "") + "\n",
           "\n#### Who leads (Hyper-SD minus baseline, paired bootstrap 95% intervals; negative: "
-          "Hyper-SD closer; ahead / behind where an interval excludes 0)\n",
+          "Hyper-SD closer; * and ahead / behind: Holm-adjusted p < 0.05 over every pair and "
+          "measure of both who-leads tables)\n",
           leads_table(lead_rows),
+          "\n#### Independent views (no net shared with the rewards: pixels, a net trained on "
+          "held-out shapes only, per-image hue error, edge width and stray ink)\n",
+          views_table(ci, chosen["eta"], real_edge),
+          "\n#### Who leads in the independent views (as above; hue error, stray ink and the "
+          "edge width's gap to real digits: lower is better)\n",
+          views_leads_table(lead_rows),
+          "\n#### Budget per run (with its parents': training samples, UNet forward-"
+          "equivalents, seconds, LoRA rank)\n",
+          budget_table(protocol.get("runs", {})) if protocol.get("runs") else "(no protocol.json)\n",
           "\n#### eta of the unified adapter (tune seeds, FD vs real)\n", eta_table(rows),
           "\n#### Ablations (eval seeds)\n", simple_table(ci, ablation_ids(chosen["eta"])),
           "\n#### Learning-rate search (600 steps each, tune seeds, mean FD vs real over its step counts)\n",
@@ -341,17 +455,20 @@ def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Pa
           + "".join(f"| {m} | " + " | ".join(f"{s[p]:.2f}" if p in s else "-"
                                              for p in ("1.0e-4", "3e-4", "1.0e-3")) + " |\n"
                     for m, s in chosen["lr_search"].items())]
-    if not chosen["eta"]:  # no tune rows (e.g. the shipped adapters): results and leads only
-        md = md[:5]
+    if not chosen["eta"]:  # no tune rows (e.g. the shipped adapters): results, leads, views
+        md = md[:11]
     traj_files = [d / "trajectory.json" for d in dirs if (d / "trajectory.json").is_file()]
     traj = json.loads(traj_files[0].read_text()) if traj_files else []
     if traj:
         md += ["\n#### Trajectory diagnostic (RMS distance of the sampler's state to the teacher's "
                "N=40 ODE state at the same timestep, relative to that state's RMS; 64 images)\n",
                trajectory_table(traj)]
+    seconds = round(time.perf_counter() - t0, 1)
+    md.append(f"\n(report: {n_boot} bootstrap replicates, {seconds} s)\n")
     out.with_suffix(".md").write_text("".join(md))
-    record = {"chosen": chosen, "eval_rows": ci, "leads": lead_rows, "trajectory": traj, "curves": curve_pts, "fd_floor": res["fd_floor"],
-              "protocol": protocol}
+    record = {"chosen": chosen, "eval_rows": ci, "leads": lead_rows, "trajectory": traj,
+              "curves": curve_pts, "fd_floor": res["fd_floor"], "floors": floor,
+              "n_boot": n_boot, "seconds": seconds, "protocol": protocol}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -362,8 +479,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="protocol_eval's --out folder(s) (e.g. its --part main and rest passes)")
     p.add_argument("--protocol", required=True, help="the protocol root's protocol.json")
     p.add_argument("--out", default="results/protocol")
-    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap replicates (at least 1000 for reported figures)")
     args = p.parse_args(argv)
+    if args.n_boot < 1:
+        raise SystemExit("--n-boot must be >= 1")
     report(args.eval, args.protocol, args.out, args.n_boot)
     print(Path(args.out).with_suffix(".md").read_text())
     return 0

@@ -410,10 +410,75 @@ def test_train_digit_rewards_smoke(tmp_path):
     from hypersd_core.rewards.digits_train import train_digit_rewards
 
     meta = train_digit_rewards(tmp_path, steps=2, batch=8, width=8,
-                               generator=torch.Generator().manual_seed(0))
+                               generator=torch.Generator().manual_seed(0), teacher_per_level=0)
     r = load_reward("digits-alignment", path=tmp_path)
     assert meta["rewards"]["digits-alignment"]["width"] == 8
     assert r.score(torch.rand(2, 3, 32, 32), "a red handwritten digit 3").shape == (2,)
+    q = load_reward("digits-quality", path=tmp_path)
+    assert q.net.conditioned and meta["rewards"]["digits-quality"]["conditioned"]
+    # --only keeps the other rewards' files and entries
+    before = (tmp_path / "alignment.safetensors").read_bytes()
+    meta = train_digit_rewards(tmp_path, steps=1, batch=8, width=8, only=("digits-quality",),
+                               teacher_per_level=0)
+    assert (tmp_path / "alignment.safetensors").read_bytes() == before
+    assert set(meta["rewards"]) == {"digits-quality", "digits-alignment", "digits-perception"}
+
+
+def test_quality_batch_grades_its_levels():
+    from hypersd_core.rewards.digits_train import QUALITY_LEVELS, quality_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32)
+    colours = torch.arange(64) % 8
+    levels = {n: {"images": torch.rand(8, 3, 32, 32), "colours": torch.zeros(8, dtype=torch.long)}
+              for n in (1, 2, 4)}
+    images, cond, target = quality_batch(torch.arange(64), x, colours, levels, g, drop_colour=0.0)
+    assert images.shape == (64, 3, 32, 32) and cond.shape == (64, 4)
+    counts = {v: int((target == v).sum()) for v in QUALITY_LEVELS.values()}
+    assert counts == {1.0: 16, 0.75: 8, 0.5: 8, 0.25: 8, 0.0: 24}
+    assert (cond[:, 3] == 1).all()  # no colour dropped at drop_colour=0
+    red = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    assert torch.equal(cond[0], red) and torch.equal(cond[40], red)  # colour 0, teacher@1 red
+
+
+def test_off_hue_moves_the_ink_away_from_the_prompted_hue():
+    from hypersd_core.digits.measures import hue_error
+    from hypersd_core.rewards.digits_train import OFF_HUE_MIN_DEG, off_hue
+
+    x = torch.zeros(16, 3, 32, 32)
+    x[:, :, 8:24, 14:18] = 1.0
+    colours = torch.arange(16) % 8
+    y = off_hue(x, colours, torch.Generator().manual_seed(0))
+    names = [world.COLOUR_NAMES[int(c)] for c in colours]
+    err = hue_error(y, names)
+    chromatic = [i for i, n in enumerate(names) if n != "white"]
+    assert (err[chromatic] >= OFF_HUE_MIN_DEG - 1).all()
+    assert torch.equal(y.amax(1) > 0, x.amax(1) > 0)  # the same stroke
+
+
+def test_quality_takes_the_prompted_colour():
+    from hypersd_core.rewards.digits import QualityNet, colour_condition
+
+    cond = colour_condition(["a red handwritten digit 7", "a cat", "a white handwritten digit 1"])
+    assert cond.tolist() == [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]]
+    net = QualityNet(8, conditioned=True)
+    x = torch.rand(3, 3, 32, 32)
+    assert not torch.allclose(net(x, cond), net(x, torch.zeros(3, 4)))
+
+
+@pytest.mark.slow
+def test_shipped_quality_ranks_the_teachers_steps_and_noise_on_held_out_seeds():
+    """digits-quality on held-out prompts and seeds: teacher@1 < @2 < @4 <= @25, and pure
+    noise and off-hue digits below the 2-step teacher (the reward the feedback stage
+    optimises must not prefer noise)."""
+    from hypersd_core.rewards.digits_rank import ranking_sets, ranking_table
+
+    rows = {r["set"]: r["digits-quality"]
+            for r in ranking_table(ranking_sets(64), n_boot=10, rewards=("digits-quality",))}
+    assert rows["teacher@1"] < rows["teacher@2"] < rows["teacher@4"] <= rows["teacher@25"] + 0.02
+    for low in ("uniform noise", "off-hue (held-out digits)"):
+        assert rows[low] < min(rows["teacher@2"], 0.3), (low, rows)
+    assert rows["real (held-out digits)"] > rows["teacher@4"]
 
 
 # ---------------------------------------------------------------- score_images
