@@ -152,10 +152,32 @@ class BootstrapReference:
         rng = np.random.default_rng(seed)
         self.weights = [cluster_weights(clusters, rng) if clusters is not None
                         else image_weights(len(x), rng) for _ in range(n_boot)]
+        self._groups = None
+        if clusters is not None and n_boot:  # per-cluster sums: a replicate costs C d^2, not N d^2
+            _, inverse = np.unique(clusters, return_inverse=True)
+            xc = x - mu
+            self._inverse = inverse
+            self._sums = np.zeros((inverse.max() + 1, x.shape[1]))
+            np.add.at(self._sums, inverse, xc)
+            order = np.argsort(inverse, kind="stable")
+            bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
+            self._outers = np.stack([xc[order[bounds[c]:bounds[c + 1]]].T
+                                     @ xc[order[bounds[c]:bounds[c + 1]]]
+                                     for c in range(len(bounds) - 1)])
+            self._groups = True
         self.reps = [self._stats(w) for w in self.weights]
+        self._outers = None  # only needed while the replicates are built
 
     def _stats(self, w: np.ndarray):
-        mu, cov = weighted_stats(self.x, w)
+        if self._groups:
+            counts = np.bincount(self._inverse, weights=w) / np.bincount(self._inverse)
+            n = float(w.sum())
+            d_mu = counts @ self._sums / n  # the mean's offset from the whole set's
+            second = np.tensordot(counts, self._outers, 1) / n
+            cov = (second - np.outer(d_mu, d_mu)) * n / max(n - 1.0, 1.0)
+            mu = self.point[0] + d_mu
+        else:
+            mu, cov = weighted_stats(self.x, w)
         # float32 keeps a thousand replicates of a 200-d space near 300 MB
         return mu, cov.astype(np.float32), _sqrtm_psd(cov).astype(np.float32)
 
