@@ -245,6 +245,33 @@ def views_table(ci_rows: list[dict], eta: dict, real_edge: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+ROW_RUNS = {"lcm": "lcm", "tcd": "tcd", "hypersd": "k{n}", "unified": "dmd"}
+
+
+def row_budget_table(runs: dict) -> str:
+    """The compared rows' budgets (their runs with parents) against LCM's at each step
+    count: samples, forward-equivalents, seconds, rank, and the ratios to LCM."""
+    from hypersd_core.protocol.budget import row_budget
+
+    lines = ["| steps | row | run | samples | x LCM | forward-equivalents | x LCM | seconds "
+             "| LoRA rank |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in STEPS:
+        base = row_budget(runs, "lcm") if "steps" in runs.get("lcm", {}) else None
+        for label, pattern in ROW_RUNS.items():
+            run = pattern.format(n=n)
+            if "steps" not in runs.get(run, {}):
+                continue
+            b = row_budget(runs, run)
+            fe = b["forward_equivalents"]
+            ratio_s = f"{b['samples'] / base['samples']:.2f}" if base else "-"
+            ratio_f = (f"{fe / base['forward_equivalents']:.2f}"
+                       if base and fe is not None and base["forward_equivalents"] else "-")
+            lines.append(f"| {n} | {label}@{n} | {run} | {b['samples']:,} | {ratio_s} | "
+                         + (f"{fe:,.0f}" if fe is not None else "-")
+                         + f" | {ratio_f} | {b['seconds']:,.0f} | {b['rank'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def floors(arrays: dict) -> dict[str, float]:
     """Real vs real FD in every space: two halves of the reference that share no shape."""
     from hypersd_core.digits.metrics import MEASURES
@@ -447,7 +474,8 @@ def report(eval_dir: str | Path | list, protocol_json: str | Path, out: str | Pa
           views_leads_table(lead_rows),
           "\n#### Budget per run (with its parents': training samples, UNet forward-"
           "equivalents, seconds, LoRA rank)\n",
-          budget_table(protocol.get("runs", {})) if protocol.get("runs") else "(no protocol.json)\n",
+          (row_budget_table(protocol["runs"]) + "\n" + budget_table(protocol["runs"]))
+          if protocol.get("runs") else "(no protocol.json)\n",
           "\n#### eta of the unified adapter (tune seeds, FD vs real)\n", eta_table(rows),
           "\n#### Ablations (eval seeds)\n", simple_table(ci, ablation_ids(chosen["eta"])),
           "\n#### Learning-rate search (600 steps each, tune seeds, mean FD vs real over its step counts)\n",

@@ -240,3 +240,19 @@ def test_faithful_stage_rows_have_equal_budgets():
         swept = {r.name for r in runs.values() if r.name.startswith(f"{name}-lr")}
         assert swept == {f"{name}-lr{p}" for p in LR_POINTS if p != PRESET_LR[name]}
         assert float(PRESET_LR[name]) == cfg[name].lr
+
+
+def test_report_budget_table_compares_every_row_with_lcm():
+    from hypersd_core.digits.protocol_report import row_budget_table
+
+    def run(steps, parent=None, fe=6.0, rank=16):
+        return {"steps": steps, "batch_size": 32, "parent": parent, "fe_per_sample": fe,
+                "seconds": 10.0, "lora_rank": rank}
+
+    runs = {"lcm": run(2400), "tcd": run(2400), "k8": run(600), "k4": run(600, "k8", 15.0),
+            "k2": run(600, "k4", 15.0), "k1": run(600, "k2", 15.0),
+            "feedback": run(300, "k1", 7.0, 32), "dmd": run(500, "feedback", 17.0, 32)}
+    table = row_budget_table(runs)
+    assert "| 8 | hypersd@8 | k8 | 19,200 | 0.25 | 115,200 | 0.25 | 10 | 16 |" in table
+    assert "| 4 | hypersd@4 | k4 | 38,400 | 0.50 | 403,200 | 0.88 | 20 | 16 |" in table
+    assert "| 1 | unified@1 | dmd | 102,400 |" in table
