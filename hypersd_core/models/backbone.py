@@ -267,8 +267,7 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     guidance = index.get("_hypersd", {}).get("guidance_scale", DEFAULT_GUIDANCE[kind])
     adapters = {}
     shipped = WORLDS[kind][1] if kind in WORLDS else None
-    if shipped is not None and shipped.is_dir() and \
-            Path(folder).resolve() == WORLDS[kind][0].resolve():
+    if shipped is not None and shipped.is_dir():  # a world's adapters fit its every pipeline
         adapters = {p.name: p for p in sorted(shipped.iterdir())
                     if (p / "pytorch_lora_weights.safetensors").is_file()}
     return Backbone(kind, source, pipe, float(guidance), adapters)
