@@ -46,7 +46,7 @@ def _stock_pipeline(backbone):
     cls = StableDiffusionXLPipeline if backbone.kind == "sdxl" else StableDiffusionPipeline
     extra = {} if backbone.kind == "sdxl" else {"safety_checker": None,
                                                 "requires_safety_checker": False}
-    pipe = cls.from_pretrained(backbone.source, torch_dtype=backbone.dtype, **extra)
+    pipe = cls.from_pretrained(backbone.source, dtype=backbone.dtype, **extra)
     pipe.to(backbone.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -259,7 +259,7 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     kind = kind or detect_kind(folder)
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(folder, torch_dtype=dtype, **extra)
+    pipe = cls.from_pretrained(folder, dtype=dtype, **extra)
     keep_vae_fp32(pipe, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -54,7 +54,7 @@ def load_controlnet(source: str | Path = "digits", device: str | torch.device = 
     resolved = _resolve(source)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        model = ControlNetModel.from_pretrained(resolved, torch_dtype=dtype,
+        model = ControlNetModel.from_pretrained(resolved, dtype=dtype,
                                                 local_files_only=offline)
     except (OSError, ValueError) as err:
         if Path(resolved).exists():

@@ -163,5 +163,5 @@ def load_single_file(path: str | Path, kind: str | None = None, config: str | Pa
         cls = StableDiffusionPipeline
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True,
-                                torch_dtype=dtype, **extra)
+                                dtype=dtype, **extra)
     return detected, pipe

@@ -44,7 +44,7 @@ def load_unet(source: str | Path, base_unet, device=None, dtype: torch.dtype | N
         if not is_unet_source(path):
             raise FileNotFoundError(f"{path} is not a diffusers UNet folder (config.json + "
                                     f"{WEIGHT_NAMES[0]})")
-        unet = UNet2DConditionModel.from_pretrained(path, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, dtype=dtype)
     elif path.is_file():
         from safetensors.torch import load_file
 
