@@ -6,6 +6,7 @@ and incremental polling of a run folder. Every action goes through ``hypersd_cor
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,13 @@ from hypersd_core.app.choices import data_choices, model_choices
 from hypersd_core.app.service import AppSettings
 from hypersd_core.models.lora import WEIGHT_NAME
 from hypersd_core.training import chain
-from hypersd_core.training.config import StageConfig, list_presets, make_config, preset_path
+from hypersd_core.training.config import (
+    ConfigError,
+    StageConfig,
+    list_presets,
+    make_config,
+    preset_path,
+)
 from hypersd_core.training.runs import Run, list_runs, pid_alive
 
 OWNED_KEYS = ("model", "init_adapter", "data")  # chosen from server-built lists, never typed
@@ -25,6 +32,7 @@ STAGE_LABELS = {"tscd": "TSCD", "lcm": "LCM (baseline)", "tcd": "TCD (baseline)"
                 "feedback": "feedback (ReFL + perceptual)", "dmd": "DMD one-step"}
 LOG_TAIL_BYTES = 6000
 LOG_LINES = 14  # as many as the log box shows: the newest line is always in view
+_START_LOCK = threading.Lock()  # Start and Chain in this process check-and-create in turn
 
 
 class ControlError(Exception):
@@ -73,25 +81,48 @@ def init_choices(settings: AppSettings) -> list[tuple[str, str]]:
 # --------------------------------------------------------------- validation
 @dataclass
 class Checked:
-    """The result of checking the settings editor."""
+    """The result of checking the settings editor: every error, and notes that do not
+    block a start (a pasted preset's model line that the dropdown overrides)."""
 
     config: StageConfig | None
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def message(self) -> str:
+        """Markdown: every error (or "valid"), then the notes."""
         if not self.errors:
-            return "Settings are valid."
-        return "**Fix these settings before starting:**\n" + "\n".join(f"- {e}" for e in self.errors)
+            text = "Settings are valid."
+        else:
+            n = len(self.errors)
+            text = (f"**Fix {'this problem' if n == 1 else f'these {n} problems'} before "
+                    "starting:**\n" + "\n".join(f"- {_md(e)}" for e in self.errors))
+        if self.notes:
+            text += "\n\n" + "\n".join(f"- Note: {_md(n)}" for n in self.notes)
+        return text
 
     @property
     def resolved(self) -> str:
         return yaml.safe_dump(self.config.to_dict(), sort_keys=False) if self.config else ""
 
 
+def _md(text: str) -> str:
+    """A message as one Markdown line: typed text cannot make emphasis, code, links or tags
+    (intraword underscores, as in lora_rank, are plain text to Markdown already)."""
+    return "".join("\\" + c if c in "\\`*[]<|" else c for c in " ".join(text.split()))
+
+
+OWNED_LABELS = {"model": "Model", "data": "Training data", "init_adapter": "Start from adapter"}
+
+
 def check_settings(text: str, model: str, init_run: str, data: str,
                    settings: AppSettings) -> Checked:
-    """Parse and validate the editor's YAML with the dropdowns' model/adapter/data."""
+    """Parse and validate the editor's YAML with the dropdowns' model/adapter/data.
+
+    A pasted preset is accepted whole: its ``model``/``data``/``init_adapter`` lines are
+    never used (the dropdowns choose those from server-built lists); when one differs
+    from its dropdown, a note says which value the run takes. Every error is listed.
+    """
     try:  # bounded: an alias bomb or a huge paste is refused before it is walked
         values = safe_yaml.load(text or "", "the settings") or {}
     except safe_yaml.YAMLBoundsError as err:
@@ -100,20 +131,30 @@ def check_settings(text: str, model: str, init_run: str, data: str,
         return Checked(None, [f"the settings are not valid YAML: {err}"])
     if not isinstance(values, dict):
         return Checked(None, ["the settings must be a mapping of key: value lines"])
-    errors = [f"{k} is chosen with the dropdown above, not typed here" for k in OWNED_KEYS
-              if k in values]
+    errors: list[str] = []
     if model not in model_choices(settings):
         errors.append(f"model {model!r} is not one of the models offered")
     if data not in data_choices(settings):
         errors.append(f"data {data!r} is not one of the data sources offered")
-    values.update(model=model, data=data, init_adapter=_init_path(init_run, settings, errors))
+    chosen = {"model": model, "data": data, "init_adapter": _init_path(init_run, settings, errors)}
+    notes = [_owned_note(key, values[key], chosen[key], init_run) for key in OWNED_KEYS
+             if key in values and str(values[key] or "") != chosen[key]]
+    values.update(chosen)
     try:
         cfg = make_config(values)
-    except ValueError as err:
-        msg = str(err).removeprefix("invalid stage config: ")
-        errors += [m.strip() for m in msg.split("; ") if m.strip()]
+    except ConfigError as err:
+        errors += err.errors
         cfg = None
-    return Checked(cfg if not errors else None, errors)
+    except ValueError as err:
+        errors.append(str(err))
+        cfg = None
+    return Checked(cfg if not errors else None, errors, notes)
+
+
+def _owned_note(key: str, typed, chosen: str, init_run: str) -> str:
+    shown = chosen if key != "init_adapter" else (init_run or "the base model")
+    return (f"the line {key}: {str(typed)[:80]} is not used: the {OWNED_LABELS[key]} "
+            f"dropdown above chooses it (now {shown})")
 
 
 def _init_path(run_id: str, settings: AppSettings, errors: list[str]) -> str:
@@ -143,17 +184,42 @@ def find_run(run_id: str, settings: AppSettings) -> Run:
 def start_runs(configs: list[StageConfig], settings: AppSettings) -> tuple[list[Run], str]:
     """Create the runs (a chain when several) and hand them to a driver process.
 
-    Returns the runs and a message; when another run is training it says the new one waits.
+    Idempotent: when a live run (queued, starting, training) already has the first stage's
+    settings, it is returned and nothing new is created (a double click starts one run).
+    The message says "Queued" when another run is ahead of the new one, "Started" only
+    when nothing is. Returns the runs and the message.
     """
     _require_training(settings)
-    busy = chain_busy(settings)
-    runs = chain.create_chain(configs, settings.runs_dir)
-    chain.spawn_driver(runs, settings.runs_dir)
+    with _START_LOCK, chain.device_lock(settings.runs_dir):  # one check-and-create at a time
+        same = live_duplicate(configs[0], settings)
+        if same is not None:
+            state = shown_state(same)
+            return [same], (f"Run {same.dir.name} with these settings is already {state}: "
+                            "not started again.")
+        ahead = chain.run_ahead(settings.runs_dir)
+        runs = chain.create_chain(configs, settings.runs_dir)
+        if ahead is not None:  # shown as queued at once, not "starting" until the driver runs
+            runs[0].write_status(waiting_for=ahead.dir.name)
+        chain.spawn_driver(runs, settings.runs_dir)
     first = runs[0].dir.name
     what = f"chain of {len(runs)} stages starting with {first}" if len(runs) > 1 else f"run {first}"
-    if busy:
-        return runs, f"Queued {what}: it waits because run {busy} is training on this device."
+    if ahead is not None:
+        return runs, f"Queued {what}: it {chain.waiting_note(runs[0])}."
     return runs, f"Started {what}."
+
+
+def live_duplicate(cfg: StageConfig, settings: AppSettings) -> Run | None:
+    """A live run (queued with its driver, starting, training) with exactly ``cfg``."""
+    wanted = cfg.to_dict()
+    for run in list_runs(settings.runs_dir):
+        if not chain.is_live(run.status()):
+            continue
+        try:
+            if run.config().to_dict() == wanted:
+                return run
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def chain_busy(settings: AppSettings) -> str:

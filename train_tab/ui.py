@@ -13,6 +13,7 @@ from PIL import Image
 from hypersd_core.app.access import scrub_paths
 from hypersd_core.app.choices import data_choices, model_choices
 from hypersd_core.app.service import AppSettings
+from hypersd_core.rewards.meaning import meaning_markdown
 from ui_common.display import enlarge, image_classes, is_small, retile
 from ui_common.guard import guard
 
@@ -64,25 +65,26 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
     with gr.Row():
         editor = gr.Code(ctl.preset_text(preset0) if preset0 else "", language="yaml",
                          label="Settings (YAML; checked as you type)", interactive=not disabled,
-                         lines=14)
+                         lines=14, elem_id="train-settings")
         first = ctl.check_settings(ctl.preset_text(preset0) if preset0 else "", settings.model,
                                    "", "digits", settings)
         with gr.Column():
-            check_md = gr.Markdown(first.message)
+            check_md = gr.Markdown(first.message, elem_id="train-check")
             resolved = gr.Code(first.resolved, language="yaml", label="Resolved config",
                                interactive=False, lines=14)
     with gr.Row():
-        start_btn = gr.Button("Start", variant="primary", interactive=not disabled)
+        start_btn = gr.Button("Start", variant="primary", interactive=not disabled,
+                              elem_id="train-start")
         stop_btn = gr.Button("Stop", variant="stop", interactive=not disabled)
         resume_btn = gr.Button("Resume", interactive=not disabled)
         chain_steps = gr.Number(0, precision=0, minimum=0, label="Chain: steps per stage (0: presets')",
                                 interactive=not disabled)
         chain_btn = gr.Button("Chain 8 → 4 → 2 → 1 → DMD", interactive=not disabled)
-    action_md = gr.Markdown()
+    action_md = gr.Markdown(elem_id="train-action")
     with gr.Row():
         run = gr.Dropdown(ctl.run_choices(settings), value=ctl.default_run(settings) or None,
-                          label="Run (from disk)", scale=4)
-        refresh = gr.Button("Refresh list", scale=1)
+                          label="Run (from disk)", scale=4, elem_id="train-run")
+        refresh = gr.Button("Refresh list", scale=1, elem_id="train-refresh")
         compare_run = gr.Button("Compare this run", scale=1, elem_id="compare-this-run")
     status_md = gr.Markdown(elem_id="train-status")
     empty = ctl.plots_html([])
@@ -90,6 +92,9 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
     with gr.Row():
         reward_plot = gr.HTML(empty[1], elem_id="train-reward")
         lr_plot = gr.HTML(empty[2], elem_id="train-lr")
+    with gr.Accordion("What the reward scores mean (range, which way is better, known "
+                      "failures)", open=False):
+        gr.Markdown(meaning_markdown())
     with gr.Row():
         sample = gr.Image(label="Latest sample grid (fixed prompts)", format="png", type="pil",
                           interactive=False, elem_id="train-sample",
@@ -134,12 +139,11 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
             gr.Dropdown(choices=ctl.init_choices(settings))
 
     def act(fn, *args):
+        """Run an action; a refusal becomes its one message (Markdown, below the buttons)."""
         try:
             return fn(*args)
         except ctl.ControlError as err:
-            msg = scrub_paths(str(err))  # no server folders in what the page shows
-            gr.Warning(msg[:300])
-            return None, msg
+            return None, scrub_paths(str(err))  # no server folders in what the page shows
 
     def on_start(text, model_v, init_v, data_v):
         new_run, msg = act(ctl.start, text, model_v, init_v or "", data_v, settings)
@@ -158,9 +162,11 @@ def build_train_tab(settings: AppSettings) -> TrainTab:
         return msg
 
     def _after_action(new_run, msg):
-        choices = ctl.run_choices(settings)
-        value = new_run.dir.name if new_run is not None else gr.skip()
-        return msg, gr.Dropdown(choices=choices, value=value)
+        """The message, and the run list showing the new run; a refused action leaves the
+        list as it is (no update at all: the list and its polling keep working)."""
+        if new_run is None:
+            return msg, gr.skip()
+        return msg, gr.Dropdown(choices=ctl.run_choices(settings), value=new_run.dir.name)
 
     start_btn.click(guard(on_start, "training", settings), check_inputs, [action_md, run],
                     api_name="train_start", api_visibility="private")

@@ -26,7 +26,7 @@ from hypersd_core.filelocks import FileLock
 from hypersd_core.models.lora import WEIGHT_NAME
 from hypersd_core.paths import ROOT
 from hypersd_core.training.config import StageConfig, load_preset
-from hypersd_core.training.runs import Run, active_run, launch, pid_alive
+from hypersd_core.training.runs import Run, active_run, launch, list_runs, pid_alive
 
 LOCK_NAME = ".device.lock"
 # DMD (rank 16, its own feedback rewards) starts from k=1; the separate feedback stage's
@@ -87,9 +87,38 @@ def device_lock(runs_root: str | Path) -> Iterator[None]:
         yield
 
 
+def is_live(status: dict) -> bool:
+    """Training, being started, or queued with a live driver: it holds its place on the
+    device (a queued run whose driver is gone holds nothing until it is resumed)."""
+    return status.get("state") in ("queued", "running", "stopping") and (
+        pid_alive(status.get("pid")) or pid_alive(status.get("waiter_pid")))
+
+
+def run_ahead(runs_root: str | Path, run: Run | None = None) -> Run | None:
+    """The run that trains before ``run`` (before a new run when None): the one training,
+    else the oldest live queued run created before it. Runs start in the order they were
+    created, so what Start says about waiting stays true."""
+    busy = active_run(runs_root)
+    if busy is not None:
+        return busy
+    created = run.config_path.stat().st_mtime_ns if run is not None else None
+    waiting = []
+    for other in list_runs(runs_root):
+        if run is not None and other.dir == run.dir:
+            continue
+        st = other.status()
+        if st.get("state") != "queued" or not pid_alive(st.get("waiter_pid")):
+            continue
+        when = other.config_path.stat().st_mtime_ns
+        if created is None or when < created:
+            waiting.append((when, other))
+    return min(waiting, key=lambda w: w[0])[1] if waiting else None
+
+
 def start_when_free(run: Run, runs_root: str | Path, poll_s: float = 2.0,
                     log: Callable[[str], None] = print) -> subprocess.Popen | None:
-    """Wait until no other run trains under ``runs_root``, then launch ``run``.
+    """Wait until no run is ahead of ``run`` under ``runs_root`` (one training, or an
+    older one queued), then launch ``run``.
 
     While waiting, status.json says which run it waits for. Returns None when the
     run was stopped before it could start.
@@ -102,14 +131,14 @@ def start_when_free(run: Run, runs_root: str | Path, poll_s: float = 2.0,
             run.stop_path.unlink(missing_ok=True)  # honoured: no stale flag in the folder
             return None
         with device_lock(runs_root):
-            busy = active_run(runs_root)
+            busy = run_ahead(runs_root, run)
             if busy is None:
                 run.write_status(waiting_for=None)
                 return launch(run, resume=run.latest_checkpoint() is not None)
         if busy.dir.name != noted:
             noted = busy.dir.name
             run.write_status(state="queued", waiting_for=noted, waiter_pid=os.getpid())
-            log(f"{run.dir.name} waits: run {noted} is training on this device")
+            log(f"{run.dir.name} waits: run {noted} is ahead of it on this device")
         time.sleep(poll_s)
 
 
@@ -160,7 +189,10 @@ def waiting_note(run: Run) -> str:
     if status.get("state") != "queued" or pid_alive(status.get("pid")):
         return ""
     if status.get("waiting_for"):
-        return f"waits because run {status['waiting_for']} is training on this device"
+        other = status["waiting_for"]
+        if Run(run.dir.parent / other).status().get("state") in ("running", "stopping"):
+            return f"waits because run {other} is training on this device"
+        return f"waits for run {other}, which is ahead of it in this device's queue"
     if status.get("waiter_pid") and not pid_alive(status.get("waiter_pid")):
         return "queued, but its chain process is gone: press Resume to start it"
     previous = previous_stage(run)

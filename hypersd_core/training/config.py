@@ -25,6 +25,14 @@ MAX_SEED = 2**32 - 1
 FROZEN_DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
+class ConfigError(ValueError):
+    """An invalid stage config; ``errors`` lists every problem, one line each."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid stage config: " + "; ".join(self.errors))
+
+
 @dataclass
 class StageConfig:
     """Every setting of a training stage; the paper leaves most of these open."""
@@ -122,7 +130,7 @@ class StageConfig:
         """Raise ValueError naming every bad field; return self."""
         errors = _type_errors(self)
         if errors:  # the range checks below compare numbers
-            raise ValueError("invalid stage config: " + "; ".join(errors))
+            raise ConfigError(errors)
 
         def need(cond: bool, msg: str):
             if not cond:
@@ -256,7 +264,7 @@ class StageConfig:
         need(0 <= self.lora_ema_decay < 1,
              f"lora_ema_decay must be in [0, 1) (0: no EMA export), got {self.lora_ema_decay}")
         if errors:
-            raise ValueError("invalid stage config: " + "; ".join(errors))
+            raise ConfigError(errors)
         return self
 
     @property
@@ -344,14 +352,36 @@ def _coerce(key: str, value):
 
 
 def make_config(values: dict) -> StageConfig:
-    """StageConfig from a dict; unknown keys and wrong types are errors."""
+    """StageConfig from a dict; unknown keys, wrong types and bad values are errors.
+
+    Raises ConfigError listing every problem at once: a key of the wrong type is left at
+    its default while the others are range-checked, and checks that would only restate
+    that key's problem are left out.
+    """
     if not isinstance(values, dict):
         raise ValueError(f"a stage config is a mapping of settings (key: value), "
                          f"got a {type(values).__name__}: {str(values)[:60]!r}")
+    errors, bad, good = [], [], {}
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: {sorted(_FIELDS)}")
-    return StageConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+        errors.append(f"unknown config keys {unknown}; known: {sorted(_FIELDS)}")
+    for key, value in values.items():
+        if key not in _FIELDS:
+            continue
+        try:
+            good[key] = _coerce(key, value)
+        except ValueError as err:
+            errors.append(str(err))
+            bad.append(key)
+    cfg = StageConfig(**good)
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        errors += [e for e in err.errors
+                   if not any(re.search(rf"\b{k}\b", e) for k in bad)]
+    if errors:
+        raise ConfigError(errors)
+    return cfg
 
 
 def preset_path(name: str) -> Path:

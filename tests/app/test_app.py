@@ -173,7 +173,8 @@ def test_settings_errors_shown_before_start(env):
     with pytest.raises(ctl.ControlError, match="lora_rank"):
         ctl.start(bad, env.model, "", "digits", env)
     typed = ctl.check_settings("init_adapter: /etc/passwd\n", env.model, "", "digits", env)
-    assert any("init_adapter is chosen with the dropdown" in e for e in typed.errors)
+    assert typed.config.init_adapter == ""  # a typed path is never used: the dropdown chooses
+    assert any("init_adapter" in n and "not used" in n for n in typed.notes)
     ok = ctl.check_settings(_settings_text(3), env.model, "", "digits", env)
     assert ok.config is not None and "steps: 3" in ok.resolved
 
