@@ -33,6 +33,7 @@ from hypersd_core.app.service import (
 )
 from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
+from hypersd_core.rewards.meaning import SECONDS, meaning_markdown
 from ui_common.display import enlarge, image_classes, img_tag
 from ui_common.guard import guard
 
@@ -43,6 +44,7 @@ ROW_LABELS = {"teacher": "teacher", "lcm": "LCM", "tcd": "TCD", "hypersd": "Hype
               "hypersd-unified": "Hyper-SD unified", "hypersd-unet": "Hyper-SD one-step UNet"}
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 GRID_KEY = "__grid__"  # the cells of the last grid, in the images state (not a slider choice)
+CONTROL_PX = 128  # the control image above a controlled grid (a 32 px mask, 4x, pixelated)
 
 
 def steps_text(n: int) -> str:
@@ -64,16 +66,18 @@ def row_adapters(method: str, label: str) -> str:
     return "adapter " + " / ".join(names) if names else "no adapter"
 
 
-def grid_html(cells: list[Cell], prompts: list[str]) -> str:
+def grid_html(cells: list[Cell], prompts: list[str], control: dict | None = None) -> str:
     """The grid as a table: a header row of step counts, a header column of methods (with
     their adapters), the teacher reference first at the size of a cell. Times and scores
-    are in the table below; a cell that could not be made says why."""
+    are in the table below; a cell that could not be made says why. A grid made under
+    ControlNet control says so above it, with its control image and scale."""
     if not cells:
         return ""
+    head_note = control_html(control) if control else ""
     reference = [c for c in cells if c.label == "teacher (reference)"]
     grid = [c for c in cells if c not in reference]
     head = "<tr><th></th>" + "".join(f"<th>{steps_text(n)}</th>" for n in COMPARE_STEPS) + "</tr>"
-    out = ['<table class="hsd-grid" id="compare-grid"><tbody>']
+    out = [head_note, '<table class="hsd-grid" id="compare-grid"><tbody>']
 
     def cell_td(c: Cell) -> str:
         if c.image is None:
@@ -98,6 +102,17 @@ def grid_html(cells: list[Cell], prompts: list[str]) -> str:
             out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def control_html(control: dict) -> str:
+    """The line above a controlled grid: what controls it, at a size a person can read."""
+    image, scale = control["image"], control["scale"]
+    return ('<div class="hsd-control" id="compare-control-note" style="display:flex;'
+            'gap:12px;align-items:center;margin-bottom:8px">'
+            f"{img_tag(image, 'control image', width=CONTROL_PX)}"
+            f"<p><b>Under ControlNet control:</b> every cell below is generated with this "
+            f"control image (white: where the digit's ink goes) at conditioning scale "
+            f"<b>{scale:g}</b>.</p></div>")
 
 
 def placeholder(size: int, text: str) -> Image.Image:
@@ -164,9 +179,14 @@ def run_compare(service: ModelService, settings: AppSettings, prompts_text: str,
                 (f" · {c.prompt}" if len(prompts) > 1 else "")) for c in order]
     images = {f"{c.label or c.method} · {steps_text(c.steps)} · {c.prompt}": c.image
               for c in cells if c.image is not None}
-    images[GRID_KEY] = {"cells": cells, "prompts": prompts}  # for the headed grid view
+    control = ({"image": control_image, "scale": control_scale} if control_image is not None
+               else None)
+    images[GRID_KEY] = {"cells": cells, "prompts": prompts, "control": control}
     summary = (f"{len(cells)} cells ({len(grid)} grid + {len(reference)} reference) in "
                f"{seconds:.1f} s on {service.device}.")
+    if control is not None:
+        summary = (f"**Under ControlNet control** (conditioning scale {control_scale:g}; the "
+                   f"control image is shown above the grid). {summary}")
     summary += "".join(f"\n- reward **{k}** unavailable: {v}" for k, v in reward_errors.items())
     summary += f"\n\nReference: {reference[0].caption}"
     return reference[0].image, gallery, cells_table(cells), summary, images
@@ -298,6 +318,12 @@ def row_choices(settings: AppSettings) -> list[tuple[str, str]]:
     return arm_choices(settings)
 
 
+def scores_explained(rewards: list[str] | None) -> str:
+    """What the grid's numbers mean (time, and each chosen reward), under its table."""
+    return ("**What the numbers mean** (captions drop the digits- prefix)\n\n"
+            + meaning_markdown(rewards or [], extra=(SECONDS,)))
+
+
 def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTab:
     """The methods x steps grid: the ``/compare`` endpoint, plus a slider for two cells."""
     with gr.Row():
@@ -318,10 +344,19 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
     with gr.Accordion("Rewards not offered here (weights not found)", open=False,
                       visible=bool(unavailable_text())):
         gr.Markdown(unavailable_text())
-    go = gr.Button("Compare", variant="primary", elem_id="compare-button")
+    from .control import build_control_block, control_from_inputs
+
+    sketch, pick, scale, preview = build_control_block(settings)
+    with gr.Row(elem_id="compare-buttons"):
+        go = gr.Button("Compare", variant="primary", elem_id="compare-button")
+        go_control = gr.Button("Compare under control (settings above)",
+                               elem_id="compare-control-button")
     summary = gr.Markdown(label="summary")
     grid_view = gr.HTML(elem_id="compare-grid-view")
     table = gr.Dataframe(label="Cells: time and reward scores", interactive=False)
+    meaning = gr.Markdown(scores_explained(default_rewards()), elem_id="compare-meaning")
+    rewards.change(guard(scores_explained, "public", settings), rewards, meaning,
+                   api_name="compare_meaning", api_visibility="private", show_progress="hidden")
     with gr.Accordion("The cells as image files (what the /compare endpoint returns)",
                       open=False):
         with gr.Row():
@@ -365,7 +400,8 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
                      gr.DownloadButton(value=str(png), visible=True))
         return (gr.Dropdown(choices=keys, value=keys[0] if keys else None),
                 gr.Dropdown(choices=keys, value=keys[-1] if keys else None),
-                grid_html(grid.get("cells", []), grid.get("prompts", [])), *files)
+                grid_html(grid.get("cells", []), grid.get("prompts", []), grid.get("control")),
+                *files)
 
     def slide(imgs: dict, a: str, b: str):
         if a in imgs and b in imgs and GRID_KEY not in (a, b):
@@ -377,7 +413,8 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
         return gr.CheckboxGroup(choices=row_choices(settings), value=rows_v)
 
     go.click(guard(compare, "public", settings), [prompts, seed, loras, rewards, recipe],
-             [reference, gallery, table, summary, images], api_name="compare", **GPU
+             [reference, gallery, table, summary, images], api_name="compare", scroll_to_output=True,
+             **GPU
              ).then(guard(fill_pickers, "public", settings), images, after,
                     api_name="compare_pickers", api_visibility="private")
     refresh.click(guard(refresh_rows, "public", settings), loras, loras,
@@ -392,10 +429,6 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
                              ).then(guard(fill_pickers, "public", settings), images, after,
                                     api_name="compare_after_pickers", api_visibility="private")
 
-    from .control import build_control_block, control_from_inputs
-
-    sketch, pick, scale, go_control, preview = build_control_block()
-
     @gpu
     def compare_control(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str],
                         sketch_v, pick_v: str, scale_v: float, recipe_v: str = ""):
@@ -409,7 +442,7 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
     go_control.click(guard(compare_control, "public", settings),
                      [prompts, seed, loras, rewards, sketch, pick, scale, recipe],
                      [reference, gallery, table, summary, images, preview],
-                     api_name="compare_control", **GPU
+                     api_name="compare_control", scroll_to_output=True, **GPU
                      ).then(guard(fill_pickers, "public", settings), images, after,
                             api_name="compare_control_pickers", api_visibility="private")
     for side, picker in (("left", left), ("right", right)):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
+from hypersd_core.app.service import AppSettings
 from hypersd_core.models.controlnet import mask_image, sketch_to_mask
 from hypersd_core.worlds import digits
-from ui_common.guard import BoundedSketchpad
+from ui_common.guard import BoundedSketchpad, guard
 
 NUM_HELDOUT_CHOICES = 24
 NO_MASK = "(use the drawing)"
+PREVIEW_PX = 256
 
 
 def heldout_choices() -> list[str]:
@@ -44,10 +46,11 @@ def control_from_inputs(sketch, choice: str | None, size: int = digits.RESOLUTIO
         raise gr.Error(str(err)) from None
 
 
-def build_control_block():
-    """(sketchpad, held-out picker, scale slider, button, preview) in a closed accordion."""
-    with gr.Accordion("Control: draw a digit or pick a held-out mask (digits ControlNet)",
-                      open=False):
+def build_control_block(settings: AppSettings):
+    """(sketchpad, held-out picker, scale slider, preview) in a closed accordion; the
+    button that uses them sits next to Compare, right above the results."""
+    with gr.Accordion("Control: draw a digit or pick a held-out mask (digits ControlNet), "
+                      "then press Compare under control", open=False):
         with gr.Row():
             sketch = BoundedSketchpad(label="Draw a digit", type="pil", height=256, width=256,
                                       canvas_size=(256, 256))
@@ -56,7 +59,17 @@ def build_control_block():
                                    label="...or a held-out digit's ink mask")
                 scale = gr.Slider(0.0, 2.0, value=1.0, step=0.1,
                                   label="ControlNet conditioning scale")
-                preview = gr.Image(label="Control image used", type="pil", format="png",
-                                   interactive=False, height=128)
-        button = gr.Button("Compare under control", elem_id="compare-control-button")
-    return sketch, pick, scale, button, preview
+            # the 32 px mask fills a 256 px box, pixelated (the API returns its own pixels)
+            preview = gr.Image(label="Control image used", type="pil", format="png",
+                               interactive=False, height=PREVIEW_PX, width=PREVIEW_PX,
+                               elem_id="compare-control-preview",
+                               elem_classes=["pixelated", "fill-box"])
+    pick.change(guard(picked_preview, "public", settings), pick, preview,
+                api_name="compare_control_preview", api_visibility="private",
+                show_progress="hidden")
+    return sketch, pick, scale, preview
+
+
+def picked_preview(choice: str | None) -> Image.Image | None:
+    """The held-out mask as soon as it is picked (the drawing shows itself)."""
+    return heldout_mask(choice) if choice and choice != NO_MASK else None

@@ -12,6 +12,7 @@ from hypersd_core.app.choices import default_rewards, reward_choices, unavailabl
 from hypersd_core.app.service import AppSettings, ModelService
 from hypersd_core.app.zerogpu import gpu
 from hypersd_core.models.sampling import RECIPES
+from hypersd_core.rewards.meaning import meaning_markdown
 from ui_common.display import enlarge, image_classes
 from ui_common.guard import guard
 
@@ -33,6 +34,11 @@ def score_table(service: ModelService, images: list[Image.Image], prompts: list[
     return frame, note
 
 
+def scores_explained(rewards: list[str] | None) -> str:
+    """What the chosen rewards' scores mean, as shown under the scores table."""
+    return ("**What these scores mean**\n\n" + meaning_markdown(rewards)) if rewards else ""
+
+
 def build_rewards_tab(settings: AppSettings, service: ModelService,
                       train_run: gr.Dropdown) -> gr.Timer:
     """The rewards view; ``train_run`` is the Train tab's run picker (kept in sync).
@@ -43,6 +49,9 @@ def build_rewards_tab(settings: AppSettings, service: ModelService,
                       label="Run")
     empty = ctl.plots_html([])[1]
     plot = gr.HTML(empty, elem_id="rewards-plot")
+    with gr.Accordion("What each reward score means (range, which way is better, known "
+                      "failures)", open=False):
+        gr.Markdown(meaning_markdown(), elem_id="rewards-meaning-all")
     offset, records = gr.State(0), gr.State([])
     timer = gr.Timer(3.0, active=False)
 
@@ -94,6 +103,9 @@ def build_rewards_tab(settings: AppSettings, service: ModelService,
                          elem_classes=image_classes(settings.model, fill=False))
     table = gr.Dataframe(label="Scores", interactive=False)
     note = gr.Markdown()
+    meaning = gr.Markdown(scores_explained(default_rewards()), elem_id="rewards-meaning")
+    rewards.change(guard(scores_explained, "public", settings), rewards, meaning,
+                   api_name="rewards_meaning", api_visibility="private", show_progress="hidden")
 
     @gpu
     def on_score(source_v, rewards_v, method_v, steps_v, seed_v, prompts_v, files):
