@@ -54,6 +54,24 @@ SCORES: dict[str, ScoreMeaning] = {m.name: m for m in (
         "'a <colour> handwritten digit <d>'.",
         "Rewards tab, Compare tab (captions and table), Train & Monitor (reward plot)"),
     ScoreMeaning(
+        "scenes-quality",
+        "how clean a scenes-world image looks: a small CNN regressed on graded "
+        "degradations of real renders (noise, blur, blotchy colour, hue rotation, washed-out "
+        "contrast; target 1 - severity). It ignores the prompt.",
+        (0.0, 1.0), "0 to 1; pure noise near 0", True,
+        "it knows only the degradations it was trained on: a clean image of the wrong "
+        "objects scores as high as the right one. Read it with scenes-alignment.",
+        "Rewards tab, Compare tab (captions and table), Train & Monitor (reward plot)"),
+    ScoreMeaning(
+        "scenes-alignment",
+        "how well a scenes-world image matches its prompt: a per-cell reader of the 2x2 "
+        "grid (class, colour, size) scored against the prompt's objects, relation or "
+        "count (geometric mean of the parts).",
+        (0.0, 1.0), "0 to 1", True,
+        "the reader can be confident on images unlike real scenes, and feedback training "
+        "against it can find such images; it only reads prompts of the scenes grammar.",
+        "Rewards tab, Compare tab (captions and table), Train & Monitor (reward plot)"),
+    ScoreMeaning(
         "digits-perception",
         "a loss, not a preference: how far a small segmentation network's ink mask and "
         "digit label of the image are from the ground truth (mask BCE + digit "
@@ -62,7 +80,7 @@ SCORES: dict[str, ScoreMeaning] = {m.name: m for m in (
         "it needs the ground-truth mask and digit of a real image, so it trains the "
         "feedback stage but cannot score a generated image; the app does not offer it "
         "for scoring.",
-        "Train & Monitor (loss terms of a feedback stage)"),
+        "Train & Monitor (the loss_perceptual term of a feedback stage)"),
     ScoreMeaning(
         "imagereward",
         "human preference for the image given the prompt: ImageReward (Xu et al. 2023), "
@@ -109,12 +127,13 @@ SCORES: dict[str, ScoreMeaning] = {m.name: m for m in (
         "it needs ground-truth instances of a real image, so it trains the feedback "
         "stage but cannot score a generated image; the app does not offer it for "
         "scoring.",
-        "Train & Monitor (loss terms of a feedback stage)"),
+        "Train & Monitor (the loss_perceptual term of a feedback stage)"),
 )}
 
 SECONDS = ScoreMeaning(
-    "seconds", "wall-clock time to make the cell's image on this machine (sampling and "
-    "decoding; model loading excluded).", None, "0 and up", False,
+    "seconds", "wall-clock time of the pipeline call per image on this machine (prompt "
+    "encoding, sampling and decoding; a batch's time is shared equally by its images; model "
+    "loading and adapter switching excluded).", None, "0 and up", False,
     "it depends on the device and on what else runs on it; compare cells of one grid.",
     "Compare tab (cells table and captions)")
 

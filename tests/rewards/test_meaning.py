@@ -11,7 +11,8 @@ import pytest
 from hypersd_core.rewards.base import REWARDS, Reward
 from hypersd_core.rewards.meaning import SCORES, meaning_markdown
 
-MODULES = ("digits", "aesthetic", "clipscore", "pickscore", "imagereward", "perception")
+MODULES = ("digits", "scenes", "aesthetic", "clipscore", "pickscore", "imagereward",
+           "perception")
 
 
 def _classes() -> list[type[Reward]]:
