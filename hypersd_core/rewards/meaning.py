@@ -34,13 +34,15 @@ class ScoreMeaning:
 SCORES: dict[str, ScoreMeaning] = {m.name: m for m in (
     ScoreMeaning(
         "digits-quality",
-        "how much the image looks like a clean handwritten digit of the digits world: a "
-        "small CNN trained to score real digits high and degraded ones (blurred, noised, "
-        "erased, colour-scrambled, blank) low. It ignores the prompt.",
+        "how much the image looks like a clean handwritten digit in the prompted colour: a "
+        "small CNN conditioned on the prompt's colour, trained to grade real digits above "
+        "the teacher's 4-, 2- and 1-step images, and noise, off-hue, blurred, erased or "
+        "blank images lowest.",
         (0.0, 1.0), "0 to 1", True,
-        "it can be gamed: it learned to reject the degradations it was shown, not to "
-        "recognise a digit, so images unlike those, such as the 1-step teacher's coloured "
-        "noise, can score near 1. Read it together with digits-alignment and the image.",
+        "it is a learned judge and can be gamed: it grades only what it was trained on, "
+        "and reward training against it can find images it over-rates (its colour-blind "
+        "predecessor scored the 1-step teacher's coloured noise near 1). Read it together "
+        "with digits-alignment and the image.",
         "Rewards tab (scores table and the run's reward plot), Compare tab (cell captions "
         "and the cells table), Train & Monitor (reward plot)"),
     ScoreMeaning(
