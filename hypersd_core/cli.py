@@ -263,7 +263,7 @@ def cmd_cache_data(args) -> int:
                           split=args.split, streaming=args.streaming)
     m = cache_data(args.model, args.data, args.out, batch_size=args.batch_size,
                    shard_size=args.shard_size, max_samples=args.max_samples, dtype=args.dtype,
-                   device=args.device, options=options)
+                   device=args.device, options=options, processes=args.processes)
     print(f"cached {m['num_samples']} samples ({m['skipped']} unreadable skipped) in "
           f"{len(m['shards'])} shard(s), {m['seconds']:.1f} s: {args.out} (train with data={args.out})")
     return 0
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--streaming", action="store_true", help="stream a datasets source")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--processes", type=_positive_int, default=1,
+                   help="encode in this many processes, each its share (CUDA: one GPU each, round robin)")
     p.set_defaults(fn=cmd_cache_data)
 
     p = sub.add_parser("score", help="score images with a reward model")

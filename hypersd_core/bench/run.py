@@ -187,6 +187,15 @@ def add_arguments(p) -> None:
                    "sizes (fp16, random weights; bench/gpu_speed.py)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --gpu or --gpu-speed: the same code at tiny sizes on the CPU")
+    p.add_argument("--data", action="store_true",
+                   help="training loader samples/s (0 and 2 workers) against the trainer's step "
+                   "rate, digits and an image folder (bench/data_speed.py)")
+    p.add_argument("--vs-diffusers", action="store_true",
+                   help="one LCM training step, ours against diffusers' LCM-LoRA example, same "
+                   "model and batch; TSCD and DMD beside it (bench/vs_diffusers.py)")
+    p.add_argument("--full", action="store_true",
+                   help="with --gpu: also 2-process gloo runs (TSCD+adversarial, DMD), fp16 with "
+                   "GradScaler, and a resume (bench/gpu_full.py)")
     p.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"],
                    help="with --gpu: weights and autocast dtype (--dry-run: bf16)")
 
@@ -250,6 +259,22 @@ def main_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.update_readme and args.dry_run:
         raise ValueError("--dry-run figures are not published; drop --update-readme")
+    if args.full and not args.gpu:
+        raise ValueError("--full goes with --gpu")
+    if args.data:
+        from hypersd_core.bench.data_speed import bench_data
+
+        bench_data(args.model, batch_size=args.train_batch or 32, device=device,
+                   repeats=args.repeats or 5, out=out_path(args, "bench_data.json"))
+        return 0
+    if args.vs_diffusers:
+        from hypersd_core.bench.vs_diffusers import bench_vs_diffusers
+
+        model = args.model if args.model != "digits" else (
+            "random:sd15" if device == "cuda" else "random:sd15-tiny")
+        bench_vs_diffusers(model, batch_size=args.train_batch or 4, repeats=args.repeats or 7,
+                           device=device, out=out_path(args, "bench_vs_diffusers.json"))
+        return 0
     if args.gpu_speed:
         from hypersd_core.bench.gpu_speed import run_gpu_speed
 

@@ -61,7 +61,10 @@ class DataOptions:
     caption_column: str = "text"  # datasets column / .json key; webdataset also reads .txt
     split: str = "train"
     streaming: bool = False  # datasets: stream instead of download/memory-map (large sets)
-    shuffle_buffer: int = 1000  # streamed sources: samples held for shuffling
+    shuffle_buffer: int = 1000  # streamed sources: encoded samples held for shuffling
+    shuffle_buffer_mb: float = 256.0  # ... and at most this many MB of them (per process)
+    workers: int = -1  # DataLoader worker processes; -1: auto (training/loader.py)
+    prefetch: int = 2  # batches each worker prepares ahead
     buckets: bool = False  # image folders: aspect-ratio buckets instead of square crops
     rank: int | None = None  # process index / count; default from RANK / WORLD_SIZE
     world_size: int | None = None
@@ -71,7 +74,7 @@ class DataOptions:
     def from_config(cls, cfg) -> DataOptions:
         return cls(**{k: getattr(cfg, f"data_{k}") for k in
                       ("image_column", "caption_column", "split", "streaming", "shuffle_buffer",
-                       "buckets")
+                       "buckets", "shuffle_buffer_mb", "workers", "prefetch")
                       if hasattr(cfg, f"data_{k}")})
 
     def process(self) -> tuple[int, int]:
@@ -89,8 +92,10 @@ def prepare_image(img: Image.Image, res: int) -> tuple[torch.Tensor, tuple[int, 
     if img.width * img.height > MAX_IMAGE_PIXELS:  # the header's size: nothing decoded yet
         raise MemberTooLarge(f"image of {img.width} x {img.height} pixels; at most "
                              f"{MAX_IMAGE_PIXELS:,} are decoded")
-    img = img.convert("RGB")
     original = (img.height, img.width)
+    if img.format == "JPEG":  # decode at the smallest DCT scale still >= res (a 4k JPEG: 1/8 the work)
+        img.draft("RGB", (res, res))
+    img = img.convert("RGB")
     scale = res / min(img.size)
     img = img.resize((max(res, round(img.width * scale)), max(res, round(img.height * scale))),
                      Image.BICUBIC)
@@ -109,6 +114,23 @@ def sdxl_time_ids(originals: list[tuple[int, int]], crops: list[tuple[int, int]]
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
+def encode_collated(backbone: Backbone, raw: dict, target: tuple[int, int] | None = None) -> Batch:
+    """A batch from a loader's collated images and captions (training/loader.py)."""
+    return encode_batch(backbone, raw["images"], raw["captions"], raw["originals"], raw["crops"],
+                        target)
+
+
+@torch.no_grad()
+def unconditional(backbone: Backbone, n: int) -> PromptEmbeds:
+    """The unconditional embedding repeated ``n`` times, encoded once per backbone (the
+    text encoders are frozen in training): a step encodes only its own captions."""
+    one = backbone.__dict__.get("_uncond_one")
+    if one is None:
+        one = backbone.__dict__["_uncond_one"] = backbone.encode_prompt([""], negative=True)
+    return PromptEmbeds(*(None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))
+                          for t in (one.hidden, one.pooled, one.time_ids)))
+
+
 @torch.no_grad()
 def encode_batch(backbone: Backbone, images: torch.Tensor, prompts: list[str],
                  originals: list[tuple[int, int]] | None = None,
@@ -116,10 +138,10 @@ def encode_batch(backbone: Backbone, images: torch.Tensor, prompts: list[str],
                  target: tuple[int, int] | None = None) -> Batch:
     """Latents and prompt embeddings of prepared images (SDXL: per-image time ids; ``target``
     the images' (h, w) when they are not the model's square resolution)."""
-    images = images.to(backbone.device)
+    images = images.to(backbone.device, non_blocking=True)
     latents = backbone.encode_images(images).float()
     embeds = backbone.encode_prompt(prompts)
-    uncond = backbone.encode_prompt(prompts, negative=True)
+    uncond = unconditional(backbone, len(prompts))
     if embeds.time_ids is not None and originals is not None:
         ids = sdxl_time_ids(originals, crops, backbone.resolution, embeds.time_ids, target)
         embeds.time_ids, uncond.time_ids = ids, ids.clone()

@@ -18,15 +18,18 @@ from pathlib import Path
 import torch
 
 from hypersd_core.models.backbone import Backbone, PromptEmbeds
-from hypersd_core.training.batch import Batch, DataOptions
+from hypersd_core.training.batch import Batch, DataOptions, Sample
+from hypersd_core.training.loader import MapSource
 
 MANIFEST = "cache.json"
 FORMAT = 1
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class CachedData:
+class CachedData(MapSource):
     """Training batches read from a cache folder: latents and embeddings, no encoding."""
+
+    in_memory = True  # nothing to decode: memory-mapped safetensors rows
 
     def __init__(self, backbone: Backbone, folder: str | Path, options: DataOptions | None = None):
         from safetensors.torch import load_file
@@ -80,9 +83,12 @@ class CachedData:
             captions.append(self._captions[s][r])
         return {k: torch.cat(v) for k, v in parts.items()}, captions
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        pick = torch.randint(0, len(self.rows), (batch_size,), generator=generator)
-        t, captions = self.rows_at(self.rows[pick].tolist())
+    def item(self, i: int) -> Sample:
+        t, captions = self.rows_at([int(self.rows[i])])
+        return Sample(None, captions[0], (0, 0), (0, 0), {k: v[0] for k, v in t.items()})
+
+    def to_batch(self, raw: dict) -> Batch:
+        t, captions, batch_size = raw["extras"], list(raw["captions"]), len(raw["captions"])
         dev, dtype = self.backbone.device, self.backbone.dtype
         pooled = t["pooled"].to(dev, dtype) if "pooled" in t else None
         time_ids = t["time_ids"].to(dev, dtype) if "time_ids" in t else None

@@ -49,7 +49,10 @@ class StageConfig:
     data_caption_column: str = "text"  # datasets column; webdataset: .json key (a .txt caption is always read)
     data_split: str = "train"  # datasets split (hub ids and DatasetDict folders)
     data_streaming: bool = False  # stream a datasets source instead of loading / memory-mapping it
-    data_shuffle_buffer: int = 1000  # samples held to shuffle a streamed source (datasets, webdataset)
+    data_shuffle_buffer: int = 1000  # encoded samples held to shuffle a streamed source (datasets, webdataset)
+    data_shuffle_buffer_mb: float = 256.0  # ... and at most this many MB of them per process
+    data_workers: int = -1  # DataLoader processes that read + decode; -1: auto (training/loader.py)
+    data_prefetch: int = 2  # batches each data worker prepares ahead
     data_buckets: bool = False  # image folders: aspect-ratio buckets (batches share a bucket)
     # TSCD / consistency
     k: int = 8
@@ -232,6 +235,10 @@ class StageConfig:
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.data_shuffle_buffer >= 1, f"data_shuffle_buffer must be >= 1, got {self.data_shuffle_buffer}")
+        need(self.data_shuffle_buffer_mb > 0,
+             f"data_shuffle_buffer_mb must be > 0, got {self.data_shuffle_buffer_mb}")
+        need(self.data_workers >= -1, f"data_workers must be >= -1 (-1: auto), got {self.data_workers}")
+        need(self.data_prefetch >= 1, f"data_prefetch must be >= 1, got {self.data_prefetch}")
         from hypersd_core.training.optimizers import OPTIMIZERS, have_bitsandbytes
 
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")

@@ -34,17 +34,21 @@ from hypersd_core.training.batch import (  # noqa: F401  (re-exported: Batch, Da
     MemberTooLarge,
     Sample,
     encode_batch,
+    encode_collated,
     prepare_image,
     sdxl_time_ids,
 )
+from hypersd_core.training.loader import Loader, MapSource, collate
 from hypersd_core.worlds import digits
 
 
-class DigitsData:
-    """Random batches from the digits training split (all 8 colours)."""
+class DigitsData(MapSource):
+    """The digits training split (all 8 colours), held in memory: nothing to decode."""
 
-    def __init__(self, backbone: Backbone):
-        self.backbone = backbone
+    in_memory = True
+
+    def __init__(self, backbone: Backbone, options: DataOptions | None = None):
+        self.backbone, self.options = backbone, options or DataOptions()
         self.data = digits.DigitsDataset("train").tensors()
         prompts = [p for p, _, _ in digits.ALL_PROMPTS]
         self.prompt_ids = self.data["digits"] * len(digits.COLOUR_NAMES) + self.data["colours"]
@@ -55,32 +59,36 @@ class DigitsData:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
-        return self.batch(idx)
+    def item(self, i: int) -> Sample:
+        res = self.data["images"].shape[-1]
+        p = int(self.prompt_ids[i])
+        return Sample(self.data["images"][i], self.prompts[p], (res, res), (0, 0),
+                      {"masks": self.data["masks"][i], "labels": self.data["digits"][i],
+                       "prompt_ids": self.prompt_ids[i]})
 
     @torch.no_grad()
-    def batch(self, idx: torch.Tensor) -> Batch:
+    def to_batch(self, raw: dict) -> Batch:
         device = self.backbone.device
-        images = self.data["images"][idx].to(device)
-        latents = self.backbone.encode_images(images).float()
-        p = self.prompt_ids[idx]
-        uncond = self.uncond.index(torch.zeros(len(idx), dtype=torch.long))
-        return Batch(latents, self.embeds.index(p.to(device)), uncond,
-                     [self.prompts[i] for i in p.tolist()], images,
-                     self.data["masks"][idx].to(device), self.data["digits"][idx].to(device))
+        latents = self.backbone.encode_images(raw["images"].to(device, non_blocking=True)).float()
+        p = raw["extras"]["prompt_ids"].to(device)
+        uncond = self.uncond.index(torch.zeros(len(p), dtype=torch.long, device=device))
+        return Batch(latents, self.embeds.index(p), uncond, list(raw["captions"]),
+                     raw["images"].to(device), raw["extras"]["masks"].to(device),
+                     raw["extras"]["labels"].to(device))
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """The batch of training-split indices ``idx``."""
+        return self.to_batch(collate([self.item(int(i)) for i in idx]))
 
     def __iter__(self):
         """Every training example once (the cache pre-pass), this process's share."""
-        rank, world = DataOptions().process()
-        res = self.data["images"].shape[-1]
+        rank, world = self.options.process()
         for i in range(rank, len(self), world):
-            p = int(self.prompt_ids[i])
-            yield Sample(self.data["images"][i], self.prompts[p], (res, res), (0, 0),
-                         {"masks": self.data["masks"][i], "labels": self.data["digits"][i]})
+            s = self.item(i)
+            yield s._replace(extras={k: v for k, v in s.extras.items() if k != "prompt_ids"})
 
 
-class FolderData:
+class FolderData(MapSource):
     """Images + captions from a folder with metadata.jsonl, resized to the model's size.
 
     Every ``file_name`` must stay inside the folder once resolved; an unreadable, missing,
@@ -90,9 +98,10 @@ class FolderData:
     def __init__(self, backbone: Backbone, folder: str | Path, options: DataOptions | None = None):
         from hypersd_core.training import buckets as B
 
-        self.backbone = backbone
+        self.backbone, self.options = backbone, options or DataOptions()
         self.folder = Path(folder)
         self.root = self.folder.resolve()
+        self.name = self.folder.name
         self.skipped = 0  # unreadable images, counted (metrics: data_skipped)
         meta = self.folder / "metadata.jsonl"
         if meta.is_file():
@@ -122,48 +131,40 @@ class FolderData:
         except (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError):
             return 1, 1
 
-    def _load(self, item: dict, bucket: tuple[int, int] | None = None):
-        """(image, original size, crop) or None for an unreadable image; fitted to
-        ``bucket`` (h, w) when given, else the model's square resolution."""
+    def item(self, i: int) -> Sample | None:
+        """The prepared image ``i`` with its caption, or None when it does not read
+        (unreadable, missing, outside the folder or over the size caps); fitted to its
+        aspect-ratio bucket when bucketing, else the model's square resolution."""
+        entry = self.items[i]
+        bucket = self.bucket_of[i] if self.bucket_of is not None else None
         try:
-            path = inside_folder(self.root, item["file_name"])
+            path = inside_folder(self.root, entry["file_name"])
             if path.stat().st_size > MAX_IMAGE_BYTES:
-                raise MemberTooLarge(f"{item['file_name']} is over {MAX_IMAGE_BYTES:,} bytes")
+                raise MemberTooLarge(f"{entry['file_name']} is over {MAX_IMAGE_BYTES:,} bytes")
             with Image.open(path) as img:
                 if bucket is not None:
                     from hypersd_core.training.buckets import fit_to_bucket
 
-                    return fit_to_bucket(img, bucket)
-                return prepare_image(img, self.backbone.resolution)
+                    image, original, crop = fit_to_bucket(img, bucket)
+                else:
+                    image, original, crop = prepare_image(img, self.backbone.resolution)
+            return Sample(image, entry["text"], original, crop, {})
         except (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError):
-            self.skipped += 1
             return None
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        got = []
-        pool, bucket = list(range(len(self))), None
-        if self.bucket_of is not None:  # one bucket per batch: the bucket of a random image
-            bucket = self.bucket_of[int(torch.randint(0, len(self), (1,), generator=generator))]
-            pool = [i for i, b in enumerate(self.bucket_of) if b == bucket]
-        for _ in range(100):
-            picks = torch.randint(0, len(pool), (batch_size - len(got),), generator=generator)
-            idx = [pool[i] for i in picks.tolist()]
-            got += [(self.items[i]["text"], x) for i in idx
-                    if (x := self._load(self.items[i], bucket))]
-            if len(got) == batch_size:
-                break
-        else:
-            raise ValueError(f"{self.folder.name}: no readable images in {self.skipped} tries")
-        return encode_batch(self.backbone, torch.stack([x[0] for _, x in got]),
-                            [p for p, _ in got], [x[1] for _, x in got], [x[2] for _, x in got],
-                            target=bucket)
+    def to_batch(self, raw: dict) -> Batch:
+        # a bucketed batch shares one bucket: its images' (h, w) are SDXL's target size
+        target = tuple(raw["images"].shape[-2:]) if self.bucket_of is not None else None
+        return encode_collated(self.backbone, raw, target)
 
     def __iter__(self):
-        """Every readable image once, in order (the cache pre-pass): (image, caption, size, crop)."""
-        rank, world = DataOptions().process()
-        for item in self.items[rank::world]:
-            if (x := self._load(item)) is not None:
-                yield Sample(x[0], item["text"], x[1], x[2], {})
+        """Every readable image once, in order (the cache pre-pass)."""
+        rank, world = self.options.process()
+        for i in range(rank, len(self), world):
+            if (s := self.item(i)) is not None:
+                yield s
+            else:
+                self.skipped += 1
 
 
 def inside_folder(root: Path, name) -> Path:
@@ -206,7 +207,7 @@ def make_data(backbone: Backbone, source: str, options: DataOptions | None = Non
         if backbone.kind != "digits":
             raise ValueError("data='digits' needs the digits model; give a dataset folder "
                              f"for {backbone.kind}")
-        return DigitsData(backbone)
+        return DigitsData(backbone, options)
     if source == "scenes":
         from hypersd_core.training.scenes_data import ScenesData
 
@@ -224,3 +225,10 @@ def make_data(backbone: Backbone, source: str, options: DataOptions | None = Non
         raise ValueError("data_buckets works with image folders (metadata.jsonl or .txt "
                          f"captions); {source!r} is not one")
     return datasets.open_source(backbone, source, options)
+
+
+def make_loader(backbone: Backbone, cfg, device_type: str = "cpu") -> Loader:
+    """The training loader of a stage config: its source, batch size, seed and data_* options."""
+    options = DataOptions.from_config(cfg)
+    return Loader(make_data(backbone, cfg.data, options), cfg.batch_size, cfg.seed, options,
+                  device_type=device_type)

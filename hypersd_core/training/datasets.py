@@ -3,8 +3,8 @@
 Both yield prepared samples (resize + center crop, SDXL size/crop conditioning) and skip
 unreadable ones, counting them in ``skipped`` (the trainer logs it as ``data_skipped``).
 Each process of a multi-process run reads its own split: every ``world``-th row of a
-random-access dataset, ``split_dataset_by_node`` of a streamed one, every ``world``-th
-shard of a webdataset glob.
+random-access dataset; an even share of the shards of a streamed one or of webdataset
+shards (training/stream.py: whole shards, the leftover ones split by record).
 
 - ``datasets``: a ``save_to_disk`` folder, ``.parquet`` / ``.arrow`` files (a path or a
   glob), or ``hf:owner/name`` for a hub dataset (downloaded, or streamed with
@@ -25,7 +25,6 @@ import re
 import tarfile
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from hypersd_core.models.backbone import Backbone
@@ -38,12 +37,13 @@ from hypersd_core.training.batch import (
     MemberTooLarge,
     Sample,
     check_caption,
-    encode_batch,
+    encode_collated,
     prepare_image,
 )
+from hypersd_core.training.loader import MapSource, StreamSource
+from hypersd_core.training.stream import records_of, share_of
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_BAD_IN_A_ROW = 1000
 OVERSIZED = object()  # stands for a member over its cap: skipped, never read or decoded
 
 
@@ -95,114 +95,105 @@ def data_root(source: str) -> Path | None:
     return (path if path.is_dir() else path.parent).resolve()
 
 
-class _Source:
-    """Shared batching: collect ``batch_size`` good samples, skip and count the bad ones."""
-
-    backbone: Backbone
-    name: str
-
-    root: Path | None = None  # where image path cells may point (see data_root)
-
-    def __init__(self):
-        self.skipped = 0
-
-    def _good(self, raw_iter):
-        """Prepared Samples from raw (image cell, caption cell) pairs; bad ones counted."""
-        res, bad_run = self.backbone.resolution, 0
-        for image, caption in raw_iter:
-            try:
-                img, original, crop = _decode(image, res, self.root)
-                sample = Sample(img, _caption(caption), original, crop, {})
-            except Exception:  # any undecodable image or caption: skip it, never crash
-                self.skipped += 1
-                bad_run += 1
-                if bad_run >= MAX_BAD_IN_A_ROW:
-                    raise DataSourceError(
-                        f"{self.name}: {bad_run} unreadable samples in a row; check the image / "
-                        "caption column names (data_image_column, data_caption_column)") from None
-                continue
-            bad_run = 0
-            yield sample
-
-    @staticmethod
-    def batch_of(backbone: Backbone, samples: list[Sample]) -> Batch:
-        return encode_batch(backbone, torch.stack([s.image for s in samples]),
-                            [s.caption for s in samples], [s.original for s in samples],
-                            [s.crop for s in samples])
+def _sample(image, caption, res: int, root: Path | None = None) -> Sample | None:
+    """A prepared Sample from an (image cell, caption cell) record; None when unreadable
+    (undecodable, over a size cap, a path outside ``root``)."""
+    try:
+        img, original, crop = _decode(image, res, root)
+        return Sample(img, _caption(caption), original, crop, {})
+    except Exception:  # any undecodable image or caption: skip it, never crash
+        return None
 
 
-class HFDataset(_Source):
-    """A Hugging Face ``datasets`` dataset: random rows (map-style) or a shuffled stream."""
+class HFDataset(MapSource):
+    """A Hugging Face ``datasets`` dataset on disk: random rows, this process's share."""
 
-    def __init__(self, backbone: Backbone, source: str, options: DataOptions):
-        super().__init__()
+    streaming = False
+
+    def __init__(self, backbone: Backbone, source: str, options: DataOptions, ds=None):
         self.backbone, self.name, self.options = backbone, source, options
+        self.skipped = 0
         self.root = data_root(source)
         self.rank, self.world = options.process()
-        ds = _load_dataset(source, options)
-        columns = list(ds.features) if ds.features is not None else None
-        for col in (options.image_column, options.caption_column):
-            if columns is not None and col not in columns:
-                raise DataSourceError(f"{source}: no column {col!r} (columns: {', '.join(columns)}); "
-                                      "set data_image_column / data_caption_column")
-        from datasets import Image as ImageFeature
-
-        if columns is not None and isinstance(ds.features[options.image_column], ImageFeature):
-            # decode ourselves, so a broken image is one skipped sample, not an exception
-            ds = ds.cast_column(options.image_column, ImageFeature(decode=False))
-        self.streaming = not hasattr(ds, "__len__")
-        if self.streaming:
-            from datasets.distributed import split_dataset_by_node
-
-            self.ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
-            self._stream, self._epoch = None, 0
-        else:
-            self.ds = ds
-            self.rows = list(range(self.rank, len(ds), self.world))
-            if not self.rows:
-                raise DataSourceError(f"{source}: no rows for process {self.rank} of {self.world}")
+        self.ds = ds if ds is not None else _checked(_load_dataset(source, options), source, options)
+        self.rows = list(range(self.rank, len(self.ds), self.world))
+        if not self.rows:
+            raise DataSourceError(f"{source}: no rows for process {self.rank} of {self.world}")
 
     def __len__(self) -> int:
-        if self.streaming:
-            raise TypeError("a streamed dataset has no length")
         return len(self.rows)
 
-    def _pairs(self, rows):
-        img_col, cap_col = self.options.image_column, self.options.caption_column
-        for row in rows:
-            yield row.get(img_col), row.get(cap_col)
+    def item(self, i: int) -> Sample | None:
+        row = self.ds[self.rows[i]]
+        return _sample(row.get(self.options.image_column), row.get(self.options.caption_column),
+                       self.backbone.resolution, self.root)
 
-    def _next_stream(self):
-        while True:
-            if self._stream is None:
-                ds = self.ds.shuffle(seed=self._epoch, buffer_size=self.options.shuffle_buffer)
-                ds.set_epoch(self._epoch)
-                self._stream, self._got = self._good(self._pairs(iter(ds))), 0
-            try:
-                self._got += 1
-                return next(self._stream)
-            except StopIteration:
-                if self._got <= 1:
-                    raise DataSourceError(f"{self.name}: no readable samples for process "
-                                          f"{self.rank} ({self.skipped} skipped)") from None
-                self._stream, self._epoch = None, self._epoch + 1
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        if self.streaming:
-            return self.batch_of(self.backbone, [self._next_stream() for _ in range(batch_size)])
-        samples: list[Sample] = []
-        for _ in range(MAX_BAD_IN_A_ROW):
-            idx = torch.randint(0, len(self.rows), (batch_size - len(samples),), generator=generator)
-            rows = (self.ds[self.rows[i]] for i in idx.tolist())
-            samples += list(self._good(self._pairs(rows)))
-            if len(samples) == batch_size:
-                return self.batch_of(self.backbone, samples)
-        raise DataSourceError(f"{self.name}: too few readable samples ({self.skipped} skipped)")
+    def to_batch(self, raw: dict) -> Batch:
+        return encode_collated(self.backbone, raw)
 
     def __iter__(self):
         """This process's rows once, in order (the cache pre-pass)."""
-        rows = iter(self.ds) if self.streaming else (self.ds[i] for i in self.rows)
-        yield from self._good(self._pairs(rows))
+        for i in range(len(self)):
+            if (s := self.item(i)) is not None:
+                yield s
+            else:
+                self.skipped += 1
+
+
+class HFStream(StreamSource):
+    """A streamed ``datasets`` dataset: its shards (files) split evenly over processes and
+    loader workers, shuffled through a buffer of encoded rows (training/stream.py)."""
+
+    streaming = True
+
+    def __init__(self, backbone: Backbone, source: str, options: DataOptions, ds=None):
+        self.backbone, self.name, self.options = backbone, source, options
+        self.skipped = 0
+        self.root = data_root(source)
+        self.ds = ds if ds is not None else _checked(_load_dataset(source, options), source, options)
+        self.num_shards = self.ds.num_shards
+
+    def read_shard(self, shard: int):
+        """Encoded (image cell, caption cell) rows of one shard, read in this process."""
+        part = self.ds.shard(num_shards=self.num_shards, index=shard, contiguous=True)
+        img_col, cap_col = self.options.image_column, self.options.caption_column
+        # .iter() rather than iter(): datasets would split the shard again over loader workers
+        for rows in part.iter(batch_size=64):
+            yield from zip(rows[img_col], rows[cap_col])
+
+    def decode(self, record) -> Sample | None:
+        return _sample(record[0], record[1], self.backbone.resolution, self.root)
+
+    def to_batch(self, raw: dict) -> Batch:
+        return encode_collated(self.backbone, raw)
+
+    def __iter__(self):
+        """This process's share once, in order (the cache pre-pass)."""
+        rank, world = self.options.process()
+        yield from _share_once(self, share_of(self.num_shards, rank, world))
+
+
+def _share_once(source, entries):
+    for record in records_of(entries, source.read_shard, list(range(len(entries)))):
+        if (s := source.decode(record)) is not None:
+            yield s
+        else:
+            source.skipped += 1
+
+
+def _checked(ds, source: str, options: DataOptions):
+    """``ds`` with its columns checked and images left encoded (decoded per sample)."""
+    columns = list(ds.features) if ds.features is not None else None
+    for col in (options.image_column, options.caption_column):
+        if columns is not None and col not in columns:
+            raise DataSourceError(f"{source}: no column {col!r} (columns: {', '.join(columns)}); "
+                                  "set data_image_column / data_caption_column")
+    from datasets import Image as ImageFeature
+
+    if columns is not None and isinstance(ds.features[options.image_column], ImageFeature):
+        # decode ourselves, so a broken image is one skipped sample, not an exception
+        ds = ds.cast_column(options.image_column, ImageFeature(decode=False))
+    return ds
 
 
 def _load_dataset(source: str, options: DataOptions):
@@ -271,21 +262,19 @@ def is_webdataset(source: str) -> bool:
     return source.endswith(".tar") or re.search(r"\.tar\b", source) is not None
 
 
-class WebDataset(_Source):
-    """Tar shards, this process's share (every world-th shard), shuffled through a buffer."""
+class WebDataset(StreamSource):
+    """Tar shards, split evenly over processes and loader workers, shuffled through a
+    buffer of encoded samples (training/stream.py)."""
 
     def __init__(self, backbone: Backbone, source: str, options: DataOptions):
-        super().__init__()
         self.backbone, self.name, self.options = backbone, source, options
-        shards = expand_shards(source)
-        if not shards:
+        self.skipped = 0
+        self.all_shards = expand_shards(source)
+        if not self.all_shards:
             raise DataSourceError(f"no .tar shards match {source}")
-        self.rank, self.world = options.process()
-        if len(shards) < self.world:
-            raise DataSourceError(f"{source}: {len(shards)} shard(s) for {self.world} processes; "
-                                  "each process reads its own shards, so give at least one each")
-        self.shards = shards[self.rank::self.world]
-        self._stream, self._epoch, self._buffer = None, 0, []
+        self.num_shards = len(self.all_shards)
+        rank, world = options.process()
+        self.shards = sorted({self.all_shards[s] for s, _, _ in share_of(self.num_shards, rank, world)})
 
     def _members(self, shard: str):
         """(key, {ext: bytes}) per sample of one shard; a damaged shard ends early (counted)."""
@@ -328,46 +317,30 @@ class WebDataset(_Source):
                     return meta[key]
         return None  # no caption: a bad sample
 
-    def _pairs(self, shards):
+    def read_shard(self, shard: int):
+        """Encoded (image bytes, caption) records of one shard (None for a missing part)."""
         col = self.options.image_column
-        for shard in shards:
-            for _, parts in self._members(shard):
-                exts = [col] if col in parts else [e for e in IMAGE_EXTS if e in parts]
-                image = parts[exts[0]] if exts else None
-                if image is OVERSIZED:
-                    image = None  # never read: a bad sample, counted
-                try:
-                    caption = self._caption_of(parts)
-                except (ValueError, UnicodeDecodeError):
-                    caption = None
-                yield image, caption
-
-    def _next(self, generator: torch.Generator) -> Sample:
-        size = max(1, self.options.shuffle_buffer)
-        while len(self._buffer) < size:
-            if self._stream is None:
-                order = torch.randperm(len(self.shards), generator=generator).tolist()
-                self._stream, self._got = self._good(self._pairs([self.shards[i] for i in order])), 0
+        for _, parts in self._members(self.all_shards[shard]):
+            exts = [col] if col in parts else [e for e in IMAGE_EXTS if e in parts]
+            image = parts[exts[0]] if exts else None
+            if image is OVERSIZED:
+                image = None  # never read: a bad sample, counted
             try:
-                self._buffer.append(next(self._stream))
-                self._got += 1
-            except StopIteration:
-                if self._got == 0:
-                    raise DataSourceError(f"{self.name}: no readable samples in this process's "
-                                          f"{len(self.shards)} shard(s) ({self.skipped} skipped)") from None
-                self._stream, self._epoch = None, self._epoch + 1
-                if self._buffer:
-                    break
-        i = int(torch.randint(0, len(self._buffer), (1,), generator=generator))
-        self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
-        return self._buffer.pop()
+                caption = self._caption_of(parts)
+            except (ValueError, UnicodeDecodeError):
+                caption = None
+            yield image, caption
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        return self.batch_of(self.backbone, [self._next(generator) for _ in range(batch_size)])
+    def decode(self, record) -> Sample | None:
+        return _sample(record[0], record[1], self.backbone.resolution)
+
+    def to_batch(self, raw: dict) -> Batch:
+        return encode_collated(self.backbone, raw)
 
     def __iter__(self):
-        """This process's shards once, in order (the cache pre-pass)."""
-        yield from self._good(self._pairs(self.shards))
+        """This process's share once, in order (the cache pre-pass)."""
+        rank, world = self.options.process()
+        yield from _share_once(self, share_of(self.num_shards, rank, world))
 
 
 def open_source(backbone: Backbone, source: str, options: DataOptions):
@@ -380,4 +353,7 @@ def open_source(backbone: Backbone, source: str, options: DataOptions):
         raise DataSourceError(
             f"{source} is a folder without metadata.jsonl, cache.json, a saved dataset "
             "(dataset_info.json / dataset_dict.json) or .tar shards")
-    return HFDataset(backbone, source, options)
+    ds = _checked(_load_dataset(source, options), source, options)
+    if hasattr(ds, "__len__"):
+        return HFDataset(backbone, source, options, ds)
+    return HFStream(backbone, source, options, ds)

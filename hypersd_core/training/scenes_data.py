@@ -7,13 +7,16 @@ import torch
 
 from hypersd_core.models.backbone import Backbone
 from hypersd_core.training.batch import Batch, DataOptions, Sample
+from hypersd_core.training.loader import MapSource, collate
 from hypersd_core.worlds import scenes
 
 POOL = 8000  # scenes rendered once per run (uint8, 98 MB); batches draw from them
 
 
-class ScenesData:
-    """Random batches from the first ``pool`` scenes of the training split."""
+class ScenesData(MapSource):
+    """Random batches from the first ``pool`` scenes of the training split (in memory)."""
+
+    in_memory = True
 
     def __init__(self, backbone: Backbone, pool: int = POOL):
         if backbone.kind != "scenes":
@@ -41,18 +44,22 @@ class ScenesData:
             out = out.cat(p)
         return out
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
-        return self.batch(idx)
+    def item(self, i: int) -> Sample:
+        res = scenes.RESOLUTION
+        return Sample(self.images[i], self.prompts[i], (res, res), (0, 0), {})  # uint8 render
 
     @torch.no_grad()
-    def batch(self, idx: torch.Tensor) -> Batch:
+    def to_batch(self, raw: dict) -> Batch:
         device = self.backbone.device
-        images = scenes.to_model(self.images[idx]).to(device)
+        images = scenes.to_model(raw["images"]).to(device)
         latents = self.backbone.encode_images(images).float()
-        prompts = [self.prompts[i] for i in idx.tolist()]
-        uncond = self.uncond.index(torch.zeros(len(idx), dtype=torch.long))
+        prompts = list(raw["captions"])
+        uncond = self.uncond.index(torch.zeros(len(prompts), dtype=torch.long))
         return Batch(latents, self._embed(prompts), uncond, prompts, images, None, None)
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """The batch of pool indices ``idx``."""
+        return self.to_batch(collate([self.item(int(i)) for i in idx]))
 
     def __iter__(self):
         """Every pooled scene once (the cache pre-pass), this process's share."""

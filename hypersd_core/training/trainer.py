@@ -116,7 +116,7 @@ def _step_generator(cfg: StageConfig, step: int, rank: int, world: int = 1) -> t
 
 
 def _save_state(tmp: Path, unet, optimizer, lr_sched, stage, step: int, nonfinite: int,
-                scaler=None):
+                scaler=None, data=None):
     from safetensors.torch import save_file
 
     from hypersd_core.models.lora import lora_state_dict
@@ -129,10 +129,13 @@ def _save_state(tmp: Path, unet, optimizer, lr_sched, stage, step: int, nonfinit
         extra["stage"] = stage.state_dict()
     if scaler is not None:  # fp16: the loss scale and its growth count
         extra["scaler"] = scaler.state_dict()
+    if data is not None:  # the loader's position (a streamed source resumes where it was)
+        extra["data"] = data.state_dict()
     torch.save(extra, tmp / "trainer.pt")
 
 
-def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage, scaler=None) -> tuple[int, int]:
+def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage, scaler=None,
+                data=None) -> tuple[int, int]:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -144,10 +147,13 @@ def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage, scaler=None) -> tu
         stage.load_state_dict(extra["stage"])
     if scaler is not None and "scaler" in extra:
         scaler.load_state_dict(extra["scaler"])
+    if "data" in extra and data is not None:
+        data.load_state_dict(extra["data"])
     return int(extra["step"]), int(extra["nonfinite"])
 
 
-def _resume_state(run: Run, unet, optimizer, lr_sched, stage, scaler=None) -> tuple[int, int]:
+def _resume_state(run: Run, unet, optimizer, lr_sched, stage, scaler=None,
+                  data=None) -> tuple[int, int]:
     """Load the newest intact checkpoint, the same one on every process.
 
     Rank 0 lists the checkpoints and verifies them (it alone reads their SHA-256) and
@@ -170,7 +176,7 @@ def _resume_state(run: Run, unet, optimizer, lr_sched, stage, scaler=None) -> tu
                     f"checkpoint {ckpt} (the newest intact one on rank 0) is missing or incomplete "
                     f"on rank(s) {lacking}: every process must see the run folder; no process resumed")
             try:
-                loaded, why = _load_state(ckpt, unet, optimizer, lr_sched, stage, scaler), ""
+                loaded, why = _load_state(ckpt, unet, optimizer, lr_sched, stage, scaler, data), ""
             except Exception as err:  # e.g. a manifest without checksums over a bad file
                 loaded, why = None, (str(err).strip().splitlines() or [""])[0][:200]
                 why = f"{type(err).__name__}: {why}"
@@ -287,7 +293,7 @@ def _train(run: Run, resume: bool) -> dict:
 
     from hypersd_core.models.backbone import load_backbone
     from hypersd_core.models.lora import save_lora
-    from hypersd_core.training.data import DataOptions, make_data
+    from hypersd_core.training.data import make_loader
     from hypersd_core.training.optimizers import make_optimizer
 
     cfg = run.config()
@@ -333,7 +339,7 @@ def _train(run: Run, resume: bool) -> dict:
         if hasattr(stage, "setup"):  # a stage's own adapters (feedback: frozen TSCD; DMD: fake score)
             params = stage.setup(params)
         enable_checkpointing(backbone, cfg, use_cuda)
-        data = make_data(backbone, cfg.data, DataOptions.from_config(cfg))
+        data = make_loader(backbone, cfg, accelerator.device.type)  # workers decode, prefetch
     except Exception as err:  # before the loop: no state to save, but say why
         if main:
             run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
@@ -349,7 +355,9 @@ def _train(run: Run, resume: bool) -> dict:
 
     step, nonfinite = 0, 0
     if resume:
-        step, nonfinite = _resume_state(run, backbone.unet, optimizer, lr_sched, stage, scaler)
+        step, nonfinite = _resume_state(run, backbone.unet, optimizer, lr_sched, stage, scaler, data)
+        if step and not data.draws:  # a checkpoint without the loader's state: every step draws
+            data.load_state_dict({"draws": step * cfg.grad_accum})
         if ema is not None and step:
             ema.load(run.checkpoints_dir / f"step-{step:07d}")
         if main:
@@ -363,7 +371,7 @@ def _train(run: Run, resume: bool) -> dict:
     trackers = Trackers(accelerator, cfg.report_to, run.dir.name, cfg.to_dict())
 
     def write_state(tmp: Path, s: int) -> None:
-        _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite, scaler)
+        _save_state(tmp, backbone.unet, optimizer, lr_sched, stage, s, nonfinite, scaler, data)
         if ema is not None:
             ema.save(tmp)
 
@@ -392,7 +400,7 @@ def _train(run: Run, resume: bool) -> dict:
             total = torch.zeros((), device=accelerator.device)
             backpropagated = False  # the same on every process (a stage's schedule is by step)
             for _ in range(cfg.grad_accum):
-                batch = data.sample(cfg.batch_size, generator)
+                batch = data.next()
                 with accelerator.autocast():
                     loss, micro_logs = stage.loss(batch, generator)
                 logs.update(micro_logs)

@@ -114,8 +114,6 @@ def test_webdataset_shards_skip_and_split(digits_backbone, tmp_path):
     assert len(list(iter(data))) == 12
     ranks = [make_data(digits_backbone, pattern, DataOptions(rank=r, world_size=2)) for r in (0, 1)]
     assert ranks[0].shards != ranks[1].shards and len(ranks[0].shards) == 1
-    with pytest.raises(ValueError, match="2 shard"):
-        make_data(digits_backbone, pattern, DataOptions(rank=0, world_size=3))
     with pytest.raises(ValueError, match="no .tar shards"):
         make_data(digits_backbone, str(tmp_path / "none-*.tar"))
 
