@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         # lock when a call arrives
         failed = service.preload(default_rewards(_model_kind(service)))
         for name, why in failed.items():
-            print(f"reward {name} not loaded: {why}", flush=True)
+            print(f"{name} not loaded: {why}", flush=True)
     else:
         # load the model while the page opens, so the first generation does not wait for it
         threading.Thread(target=lambda: _warm(service), daemon=True).start()

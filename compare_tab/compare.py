@@ -31,7 +31,7 @@ from hypersd_core.app.service import (
     compare_grid,
     default_adapter_name,
 )
-from hypersd_core.app.zerogpu import gpu
+from hypersd_core.app.zerogpu import gpu, image_steps, request_seconds
 from hypersd_core.models.sampling import RECIPES
 from hypersd_core.rewards.meaning import SECONDS, meaning_markdown
 from ui_common.display import enlarge, image_classes, img_tag
@@ -213,7 +213,10 @@ def build_generate_tab(settings: AppSettings, service: ModelService) -> None:
                          elem_classes=image_classes(service.model))
         info = gr.JSON(label="Details")
 
-    @gpu
+    def generate_work(prompt, method, steps, seed, adapter="") -> int:
+        return image_steps(1, 1, (int(steps),)) * (2 if method == "teacher" else 1)
+
+    @gpu(duration=request_seconds(lambda: service.kind, generate_work))
     def generate(prompt: str, method: str, steps: float, seed: float, adapter: str = ""):
         """Generate one image: prompt, method (a recipe name), steps, seed, and an optional
         adapter (an arm key: run:<id>, adapter:<name>, lora:<file>) -> (PNG, details)."""
@@ -380,7 +383,15 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
         png_file = gr.DownloadButton("Download the grid (PNG)", visible=False,
                                      elem_id="compare-download-png")
 
-    @gpu
+    def grid_work(prompts_text, seed, loras_v, *rest) -> int:
+        """Image-steps of the request: every row at 1/2/4/8 steps plus the 25-step reference."""
+        n = len(limits.prompt_lines(prompts_text, MAX_PROMPTS)) or 1
+        # the teacher row counts twice (CFG)
+        return image_steps(n, len(COMPARE_METHODS) + 1 + len(loras_v or []), COMPARE_STEPS, 25)
+
+    grid_seconds = request_seconds(lambda: service.kind, grid_work)
+
+    @gpu(duration=grid_seconds)
     def compare(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str],
                 recipe_v: str = ""):
         """Methods x steps grid for a prompt and seed -> (reference, cells, table, summary).
@@ -429,7 +440,7 @@ def build_compare_tab(settings: AppSettings, service: ModelService) -> CompareTa
                              ).then(guard(fill_pickers, "public", settings), images, after,
                                     api_name="compare_after_pickers", api_visibility="private")
 
-    @gpu
+    @gpu(duration=grid_seconds)
     def compare_control(prompts_text: str, seed: float, loras_v: list[str], rewards_v: list[str],
                         sketch_v, pick_v: str, scale_v: float, recipe_v: str = ""):
         """The grid under the digits ControlNet: a drawing or a held-out mask, a scale."""

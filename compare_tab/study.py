@@ -26,7 +26,7 @@ from PIL import Image
 from hypersd_core.app.access import client_address
 from hypersd_core.app.arms import Arm, ArmError, arm_choices, resolve_arm
 from hypersd_core.app.service import AppSettings, ModelService, default_adapter_name
-from hypersd_core.app.zerogpu import gpu
+from hypersd_core.app.zerogpu import gpu, image_steps, request_seconds
 from hypersd_core.study.config import derive_key, resolve_salt
 from hypersd_core.study.provenance import code_version, weights_hash
 from hypersd_core.study.store import (
@@ -364,7 +364,9 @@ def build_study_tab(settings: AppSettings, service: ModelService, store: StudySt
     def show_pair(request: gr.Request, profile: gr.OAuthProfile | None):
         return handlers.next_pair(request, profile)
 
-    show.click(guard(gpu(show_pair), "public", settings), None,
+    # two images per pair; at most the teacher's 25 steps with CFG each
+    pair_seconds = request_seconds(lambda: service.kind, lambda *a: image_steps(2, 1, (25,)) * 2)
+    show.click(guard(gpu(show_pair, duration=pair_seconds), "public", settings), None,
                [left, right, pair_md, reveal, token, *buttons.values()], api_name="study_show",
                concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 

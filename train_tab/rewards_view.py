@@ -10,7 +10,7 @@ from PIL import Image
 from hypersd_core.app import limits
 from hypersd_core.app.choices import default_rewards, reward_choices, unavailable_text
 from hypersd_core.app.service import AppSettings, ModelService
-from hypersd_core.app.zerogpu import gpu
+from hypersd_core.app.zerogpu import gpu, image_steps, request_seconds
 from hypersd_core.models.sampling import RECIPES
 from hypersd_core.rewards.meaning import meaning_markdown
 from ui_common.display import enlarge, image_classes
@@ -107,7 +107,12 @@ def build_rewards_tab(settings: AppSettings, service: ModelService,
     rewards.change(guard(scores_explained, "public", settings), rewards, meaning,
                    api_name="rewards_meaning", api_visibility="private", show_progress="hidden")
 
-    @gpu
+    def score_work(source_v, rewards_v, method_v, steps_v, seed_v, prompts_v, files) -> int:
+        n = max(1, len(files or []) if source_v == "upload" else len(limits.prompt_lines(prompts_v)))
+        steps = 0 if source_v == "upload" else int(steps_v) * (2 if method_v == "teacher" else 1)
+        return image_steps(n, 1, (max(1, steps),))
+
+    @gpu(duration=request_seconds(lambda: service.kind, score_work))
     def on_score(source_v, rewards_v, method_v, steps_v, seed_v, prompts_v, files):
         try:  # bounded before anything is decoded or generated (hypersd_core/app/limits.py)
             lines = limits.prompt_lines(prompts_v)

@@ -25,6 +25,7 @@ TEACHER_REFERENCE_STEPS = 25
 NEEDS_TARGETS = ("perception", "digits-perception")  # losses against ground truth: not for generated images
 ONE_STEP_ONLY = ("hypersd-unet",)  # rows shown at 1 step only in the grid
 REFERENCE_CACHE = 64  # teacher references kept per model service (prompt, seed)
+RESIDENT_ADAPTER = "hypersd-unified"  # fused at preload: the 1-step adapter most calls use
 
 
 @dataclass
@@ -164,17 +165,34 @@ class ModelService:
                 self.load_seconds = time.perf_counter() - t0
             return self._sampler
 
-    def preload(self, rewards: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    @property
+    def kind(self) -> str:
+        """The model's kind ("digits", "sd15", "sdxl"); before loading, a guess that errs
+        large (sdxl) so a GPU duration is never too short."""
+        if self._sampler is not None:
+            return self._sampler.backbone.kind
+        return "digits" if self.model == "digits" else "sdxl"
+
+    def preload(self, rewards: list[str] | tuple[str, ...] = (),
+                resident: str | None = RESIDENT_ADAPTER) -> dict[str, str]:
         """Load the model, every adapter shipped with it and the named rewards now, in
         this process: on ZeroGPU the GPU worker is forked from the main process per
         call, so whatever is loaded lazily inside a call is loaded again on every call.
-        Returns the rewards that could not load, with the reason."""
+        ``resident`` (the unified 1-step LoRA; an SD1.5 / SDXL model fetches the official
+        file) is fused here too, so calls with it start fused and switch nothing.
+        Returns what could not load (rewards, the resident adapter), with the reason."""
         failed: dict[str, str] = {}
         with self._lock:
             sampler = self.sampler
             for name, path in sampler.backbone.adapter_dirs.items():
                 if name not in sampler.adapters.loaded:
                     sampler.adapters.load(name, path)
+            if resident is not None:
+                try:
+                    if sampler.resolve_adapter(resident, 1, None) is not None:
+                        sampler.adapters.use(resident)
+                except Exception as err:  # offline without the file: the calls say so
+                    failed[resident] = f"{type(err).__name__}: {err}"
             for name in rewards:
                 try:
                     self.reward(name)
@@ -188,7 +206,11 @@ class ModelService:
         if name is None or method == "hypersd-unet":
             return True
         sampler = self.sampler
-        return name in sampler.backbone.adapter_dirs or name in sampler.adapters.loaded
+        if name in sampler.backbone.adapter_dirs or name in sampler.adapters.loaded:
+            return True
+        from hypersd_core.models import official
+
+        return official.available(sampler.backbone.kind, name)  # fetched on first use
 
     def has_onestep_unet(self) -> bool:
         """True when "hypersd-unet" has a full one-step UNet for this model."""

@@ -26,6 +26,24 @@ def gpu_seconds(images: int, steps: int, kind: str = "sdxl", cfg: bool = False) 
     return int(min(300, max(10, GPU_CALL_OVERHEAD_S + 1.5 * images * steps * per_step)))
 
 
+def image_steps(prompts: int, rows: int, steps: tuple[int, ...], reference_steps: int = 0) -> int:
+    """Denoising steps of a grid: ``rows`` x ``steps`` per prompt, plus a CFG reference."""
+    return prompts * (rows * sum(steps) + 2 * reference_steps)
+
+
+def request_seconds(kind, count):
+    """A ZeroGPU duration function: ``count(*call_args) -> image-steps`` of the request,
+    ``kind()`` the model kind at call time; ``gpu_seconds`` of the two."""
+    def duration(*args, **kwargs) -> int:
+        try:
+            work = int(count(*args, **kwargs))
+        except Exception:  # a malformed request fails in the call itself: ask for the most
+            return 300
+        return gpu_seconds(1, max(1, work), kind())
+
+    return duration
+
+
 def gpu(fn=None, duration=120):
     """``spaces.GPU(duration=...)`` on ZeroGPU Spaces; a no-op where ``spaces`` is absent.
 

@@ -286,6 +286,15 @@ def main_bench(args) -> int:
     if args.gpu:
         from hypersd_core.bench.gpu import run_gpu_check
 
+        if args.full:
+            from hypersd_core.bench.gpu_full import run_gpu_full
+
+            result = run_gpu_full(out=out_path(args, "bench_gpu_full.json"),
+                                  dry_run=args.dry_run, dtype=args.dtype,
+                                  device=None if args.dry_run else args.device)
+            for line in result["errors"]:
+                print(f"error: {line}", file=sys.stderr)
+            return 1 if result["errors"] else 0
         result = run_gpu_check(out=out_path(args, "bench_gpu.json"),
                                dry_run=args.dry_run, dtype=args.dtype,
                                device=None if args.dry_run else args.device)

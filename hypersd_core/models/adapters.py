@@ -41,8 +41,11 @@ class AdapterSet:
         last_switch_s: seconds the last ``use`` took (0 when nothing changed).
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, originals_device: str | None = None):
         self.pipe = pipe
+        # where the kept base weights W0 live: "cpu" (pinned) on a GPU keeps the GPU from
+        # holding the UNet twice; a switch then reads W0 over PCIe (measured in bench)
+        self.originals_device = originals_device
         self.loaded: dict[str, Path] = {}
         self.active: str | None = None
         self.scale = 1.0
@@ -155,12 +158,13 @@ class AdapterSet:
         new = self._factors.get(name, {}) if name is not None else {}
         weights = self._layer_weights(new)
         for layer in self._fused - set(new):
-            weights[layer].copy_(self._originals[layer])
+            weights[layer].copy_(self._originals[layer], non_blocking=True)
         for layer, (a, b, scaling) in new.items():
             weight = weights[layer]
             original = self._originals.get(layer)
             if original is None:  # first touch: the layer holds its base weight now
-                original = self._originals[layer] = weight.detach().clone()
+                original = self._originals[layer] = self._keep(weight)
+            original = original.to(weight.device, non_blocking=True)
             alpha = scale * scaling
             if weight.dtype == torch.float32 and weight.is_contiguous():
                 # W = W0 + alpha * B @ A in one kernel, written straight into the weight
@@ -173,6 +177,13 @@ class AdapterSet:
         self.active, self.scale = name, scale
         self.last_switch_s = time.perf_counter() - t0
         return self.last_switch_s
+
+    def _keep(self, weight: torch.Tensor) -> torch.Tensor:
+        """A copy of a base weight where the originals live (pinned host memory off-GPU)."""
+        if self.originals_device is None or torch.device(self.originals_device) == weight.device:
+            return weight.detach().clone()
+        kept = weight.detach().to(self.originals_device, copy=True)
+        return kept.pin_memory() if weight.is_cuda and kept.device.type == "cpu" else kept
 
     @property
     def fused(self) -> bool:

@@ -119,7 +119,8 @@ class Sampler:
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
-        self.adapters = AdapterSet(backbone.pipe)
+        # on a GPU the kept base weights go to host memory: the UNet is not held twice there
+        self.adapters = AdapterSet(backbone.pipe, "cpu" if str(backbone.device).startswith("cuda") else None)
         self.prompts = PromptCache(backbone.pipe)  # embeddings per text, reused across calls
         self._schedulers: dict[str, object] = {}
         self.base_scheduler = backbone.pipe.scheduler
@@ -171,6 +172,12 @@ class Sampler:
             if adapter not in self.backbone.adapter_dirs and adapter not in self.adapters.loaded:
                 if method == "hypersd-unet":
                     return None  # the one-step UNet is a full model: base weights if absent
+                from hypersd_core.models import official
+
+                if official.official_file(self.backbone.kind, adapter) is not None:
+                    # SD1.5 / SDXL: the published Hyper-SD / LCM / TCD file (one line offline)
+                    self.adapters.load(adapter, official.fetch(self.backbone.kind, adapter))
+                    return adapter
                 raise FileNotFoundError(
                     f"method {method!r} needs the adapter {adapter!r}, which this model "
                     f"({self.backbone.source}) does not have; train it or pass --lora FILE")

@@ -306,8 +306,13 @@ def _train(run: Run, resume: bool) -> dict:
                          "use mixed_precision=bf16 or no on the CPU")
     from hypersd_core.training.trackers import Trackers, accelerator_kwargs
 
+    handlers = []
+    if os.environ.get("HYPERSD_DIST_BACKEND"):  # e.g. gloo: several processes on one GPU
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(backend=os.environ["HYPERSD_DIST_BACKEND"]))
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=cfg.mixed_precision,
-                              **accelerator_kwargs(cfg.report_to, run.dir))
+                              kwargs_handlers=handlers, **accelerator_kwargs(cfg.report_to, run.dir))
     scaler = accelerator.scaler  # a GradScaler under fp16 (loss scaling), else None
     main = accelerator.is_main_process
     stop = collective.StopRequest(run, main)  # SIGINT / SIGTERM here, STOP file on rank 0

@@ -80,3 +80,20 @@ def test_meta_allocator_count_is_exact_on_a_small_graph():
         loss.backward()
         assert count.live // mib == 12  # x and the two weight gradients
     assert count.peak // mib == 20
+
+
+def test_gpu_full_dry_run(tmp_path):
+    """``bench --gpu --full --dry-run``: the GPU check, then the trainer in 2 processes
+    (gloo) for TSCD + adversarial and DMD, and a resume, on tiny models on the CPU."""
+    from hypersd_core.bench.gpu_full import STEPS, run_gpu_full
+
+    plan = dataclasses.replace(gpu.DRY_PLAN, models=("sd15",), parts=("smoke",),
+                               smoke_stages=("tscd",))
+    result = run_gpu_full(tmp_path / "full.json", dry_run=True, plan=plan, log=lambda *a: None)
+    assert result["errors"] == [], result["errors"]
+    mp = result["multi_process"]
+    for name in ("tscd_adv", "dmd", "resume"):
+        assert mp[name]["state"] == "done" and mp[name]["step"] == STEPS, (name, mp[name])
+        assert mp[name]["ranks_agree"], name
+    assert mp["resume"]["equals_straight_run"]
+    assert json.loads((tmp_path / "full.json").read_text())["settings"]["processes"] == 2
