@@ -53,6 +53,11 @@ def stage_config(stage: str, backbone, batch_size: int):
     if backbone.kind != "digits" and cfg.perceptual_weight > 0:
         notes.append("no ground-truth masks outside the digits world: perceptual_weight=0")
         values["perceptual_weight"] = 0.0
+    own = [r for r in cfg.rewards if r.startswith("digits-")]
+    if backbone.kind != "digits" and own:  # they read 32x32 digits images
+        notes.append(f"digits-world rewards {own} dropped for a {backbone.kind} model")
+        values["rewards"] = {k: v for k, v in cfg.rewards.items() if k not in own}
+        values["reward_alphas"] = {}
     return load_preset(preset, values), notes
 
 

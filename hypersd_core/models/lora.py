@@ -203,14 +203,34 @@ def read_lora_state(path: Path) -> dict[str, torch.Tensor] | None:
     return fixed
 
 
+def _tuner_layers(unet) -> list:
+    """The UNet's PEFT layers, found once per set of adapter names (diffusers'
+    ``disable_adapters`` / ``enable_adapters`` walk every module on every call: twice a
+    training step for the teacher pass)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    key = tuple(sorted(getattr(unet, "peft_config", None) or {}))
+    cached = unet.__dict__.get("_hypersd_tuner_layers")
+    if cached is None or cached[0] != key:
+        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        cached = unet.__dict__["_hypersd_tuner_layers"] = (key, layers)
+    return cached[1]
+
+
 @contextlib.contextmanager
 def adapters_disabled(unet):
-    """The teacher: the same UNet with its LoRA layers switched off (one weight copy)."""
-    unet.disable_adapters()
+    """The teacher: the same UNet with its LoRA layers switched off (one weight copy).
+    Per layer the same calls as diffusers' ``disable_adapters`` / ``enable_adapters``."""
+    layers = _tuner_layers(unet)
+    if not layers:  # as diffusers does: no adapters is an error, not a silent teacher
+        unet.disable_adapters()
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def merge_lora_files(files: list[str | Path], scales: list[float], out_dir: str | Path,

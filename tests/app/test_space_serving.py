@@ -106,11 +106,11 @@ def test_gpu_durations_follow_the_request(monkeypatch):
         build_generate_tab(AppSettings(), service)
         build_compare_tab(AppSettings(), service)
     assert durations and all(callable(d) for d in durations)
+    assert durations[0]("a red digit", "teacher", 25, 0) == 10  # digits: the floor
+    monkeypatch.setattr(type(service), "kind", property(lambda self: "sdxl"))
     one = durations[0]("a red digit", "hypersd", 1, 0)
     teacher = durations[0]("a red digit", "teacher", 25, 0)
     small_grid = durations[1]("a", 0, [], [])
     big_grid = durations[1]("a\nb\nc\nd", 0, ["x.safetensors"], [])
-    assert 10 <= one < teacher and small_grid < big_grid <= 300
-    monkeypatch.setattr(type(service), "kind", property(lambda self: "sdxl"))
-    assert durations[0]("a", "hypersd", 1, 0) < 120 < durations[1]("a\nb\nc\nd", 0, [], [])
-    assert zerogpu.gpu_seconds(1, 1, "sdxl") == 10
+    assert one == zerogpu.gpu_seconds(1, 1, "sdxl") == 10
+    assert one < teacher < small_grid < 120 < big_grid <= 300

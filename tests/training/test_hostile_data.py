@@ -140,12 +140,11 @@ def test_gzip_caption_bomb_is_not_read(tmp_path, monkeypatch):
 
 def test_oversized_caption_cell_is_skipped(tmp_path):
     from hypersd_core.training.batch import MAX_CAPTION_BYTES
-    from hypersd_core.training.datasets import _Source
+    from hypersd_core.training.datasets import _sample
 
-    src = _Source()
-    src.backbone, src.name = BACKBONE, "cells"
-    got = list(src._good([(png(), "a" * (MAX_CAPTION_BYTES + 1)), (png(), "ok")]))
-    assert [s.caption for s in got] == ["ok"] and src.skipped == 1
+    got = [_sample(png(), caption, BACKBONE.resolution)
+           for caption in ("a" * (MAX_CAPTION_BYTES + 1), "ok")]
+    assert got[0] is None and got[1].caption == "ok"
 
 
 # ------------------------------------------------------------------ item 4
