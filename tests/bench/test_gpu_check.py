@@ -82,7 +82,7 @@ def test_meta_allocator_count_is_exact_on_a_small_graph():
     assert count.peak // mib == 20
 
 
-@pytest.mark.slow  # four 2-process trainer launches: about 2 minutes on an idle 2-core machine
+@pytest.mark.slow  # four 2-process trainer launches
 def test_gpu_full_dry_run(tmp_path):
     """``bench --gpu --full --dry-run``: the GPU check, then the trainer in 2 processes
     (gloo) for TSCD + adversarial and DMD, and a resume, on tiny models on the CPU."""
