@@ -241,7 +241,7 @@ def test_one_client_cannot_fill_the_queue(public_app):
 
     block_fn.fn = slow
     try:
-        args = [None] * len(block_fn.inputs)
+        args = [c.value for c in block_fn.inputs]  # the page's defaults: they preprocess
         joins = []
         for _ in range(settings.queue_per_client + 3):
             r = httpx.post(f"{url}/gradio_api/queue/join", headers={"x-forwarded-for": "198.51.100.1"},
