@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hypersd_core.digits.build import scheduler_config  # SD's schedule, shared by both worlds
 from hypersd_core.paths import ROOT, SCENES_DIR
 from hypersd_core.worlds import scenes as world
 
@@ -100,14 +101,6 @@ def unet_config(cfg: SceneBuildConfig) -> dict:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cfg.text_hidden, attention_head_dim=16,
-    )
-
-
-def scheduler_config() -> dict:
-    return dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
     )
 
 
