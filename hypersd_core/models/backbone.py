@@ -23,6 +23,11 @@ WORLDS = {"digits": (DIGITS_PIPELINE, DIGITS_ADAPTERS, "build-digits"),
           "scenes": (SCENES_PIPELINE, SCENES_ADAPTERS, "build-scenes")}
 
 
+def shipped_adapters(kind: str) -> Path | None:
+    """The folder of a world's shipped adapters (read at call time, so it can be redirected)."""
+    return {"digits": DIGITS_ADAPTERS, "scenes": SCENES_ADAPTERS}.get(kind)
+
+
 def _quiet_libraries() -> None:
     """Loading bars of diffusers/transformers add nothing to our own progress output."""
     from diffusers.utils import logging as dlog
@@ -292,7 +297,7 @@ def load_backbone(model: str = "digits", kind: str | None = None, device: str = 
     index = json.loads((Path(folder) / "model_index.json").read_text())
     guidance = index.get("_hypersd", {}).get("guidance_scale", DEFAULT_GUIDANCE[kind])
     adapters = {}
-    shipped = WORLDS[kind][1] if kind in WORLDS else None
+    shipped = shipped_adapters(kind)
     if shipped is not None and shipped.is_dir():  # a world's adapters fit its every pipeline
         adapters = {p.name: p for p in sorted(shipped.iterdir())
                     if (p / "pytorch_lora_weights.safetensors").is_file()}
