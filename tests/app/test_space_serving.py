@@ -6,10 +6,13 @@ that follow the request."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 import types
 
 import pytest
+import torch
 from test_app import make_lora_file
 
 from hypersd_core.models import official
@@ -79,13 +82,22 @@ def test_preloaded_fused_adapter_survives_the_per_call_fork():
     pid = os.fork()
     if pid == 0:  # the "GPU call"
         try:
+            # the parent's OpenMP pool does not survive fork (ZeroGPU's calls run on the GPU);
+            # on the CPU the child computes on one thread, or it waits on the lost pool forever
+            torch.set_num_threads(1)
             cell = service.generate("hypersd-unified", 1, ["a red handwritten digit 7"], [0])[0]
             ok = cell.error == "" and service.sampler.adapters.last_switch_s == 0.0
             os.write(write, b"1" if ok else b"0")
         finally:
             os._exit(0)
     os.close(write)
-    os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked call did not finish in 120 s")
+        time.sleep(0.2)
     assert os.read(read, 1) == b"1"
 
 
