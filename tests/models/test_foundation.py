@@ -224,8 +224,10 @@ def test_bad_input_errors(tiny_sd15, tmp_path):
         sampler.generate("teacher", 0, [PROMPT], [0])
     with pytest.raises(ValueError, match="1 prompts but 2 seeds"):
         sampler.generate("teacher", 1, [PROMPT], [0, 1])
-    with pytest.raises(FileNotFoundError, match="needs the adapter 'lcm'"):
+    # an SD1.5 model without the LoRA: the official file, which offline is one clear line
+    with pytest.raises(FileNotFoundError, match="lcm-lora-sdv1-5.*offline") as err:
         sampler.generate("lcm", 1, [PROMPT], [0])
+    assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="LoRA file not found"):
         L.check_lora_file(tmp_path / "missing.safetensors")
     (tmp_path / "notes.txt").write_text("hi")
