@@ -55,8 +55,11 @@ def stage_config(stage: str, backbone, batch_size: int):
         values["perceptual_weight"] = 0.0
     own = [r for r in cfg.rewards if r.startswith("digits-")]
     if backbone.kind != "digits" and own:  # they read 32x32 digits images
-        notes.append(f"digits-world rewards {own} dropped for a {backbone.kind} model")
-        values["rewards"] = {k: v for k, v in cfg.rewards.items() if k not in own}
+        # the stage keeps a reward term: a loadable one here, swapped by StepRunner for the
+        # stand-in that reads the decoded image at 224^2 (the cost of a CLIP-sized reward)
+        notes.append(f"digits-world rewards {own} replaced by a stand-in for a "
+                     f"{backbone.kind} model")
+        values["rewards"] = {"digits-quality": 1e-3}
         values["reward_alphas"] = {}
     return load_preset(preset, values), notes
 
@@ -99,6 +102,11 @@ class StepRunner:
             self.stage = make_stage(self.cfg, self.backbone)
             if hasattr(self.stage, "setup"):
                 self.params = self.stage.setup(self.params)
+            losses = getattr(self.stage, "losses", None)
+            if self.backbone.kind != "digits" and losses is not None and losses.rewards:
+                from hypersd_core.bench.gpu_train import StandInReward
+
+                losses.rewards = {n: StandInReward() for n in losses.rewards}
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
         self.kind = stage
         self.ac = self.backbone.alphas_cumprod.to(self.backbone.device).float()
