@@ -48,7 +48,7 @@ class SceneBuildConfig:
     vae_fg_from: int = 600  # ... from this step on
     vae_batch: int = 16
     text_steps: int = 1500
-    unet_steps: int = 2500
+    unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
