@@ -43,6 +43,13 @@ class StandInReward:
         return x.mean((1, 2, 3))
 
 
+def use_stand_in_rewards(stage) -> None:
+    """Swap a made stage's rewards (if it has any) for the stand-in."""
+    losses = getattr(stage, "losses", None)
+    if losses is not None and losses.rewards:
+        losses.rewards = {n: StandInReward() for n in losses.rewards}
+
+
 def smoke_config(kind: str, stage_name: str, mixed_precision: str, frozen: str,
                  model: str | None = None):
     """The preset's config with batch 1, 2 steps, checkpointing on, no init adapter."""
@@ -93,8 +100,7 @@ def smoke_stage(backbone, stage_name: str, mixed_precision: str, res: int,
             stage = make_stage(cfg, backbone)
             if hasattr(stage, "setup"):
                 params = stage.setup(params)
-            if getattr(stage, "losses", None) is not None and stage.losses.rewards:
-                stage.losses.rewards = {n: StandInReward() for n in stage.losses.rewards}
+            use_stand_in_rewards(stage)
             enable_checkpointing(backbone, cfg, use_cuda=True)
             optimizer = torch.optim.AdamW(params, lr=cfg.lr)
             times, losses, generator_steps = [], [], 0

@@ -102,11 +102,10 @@ class StepRunner:
             self.stage = make_stage(self.cfg, self.backbone)
             if hasattr(self.stage, "setup"):
                 self.params = self.stage.setup(self.params)
-            losses = getattr(self.stage, "losses", None)
-            if self.backbone.kind != "digits" and losses is not None and losses.rewards:
-                from hypersd_core.bench.gpu_train import StandInReward
+            if self.backbone.kind != "digits":
+                from hypersd_core.bench.gpu_train import use_stand_in_rewards
 
-                losses.rewards = {n: StandInReward() for n in losses.rewards}
+                use_stand_in_rewards(self.stage)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
         self.kind = stage
         self.ac = self.backbone.alphas_cumprod.to(self.backbone.device).float()

@@ -19,8 +19,8 @@ from hypersd_core.models.vae_precision import keep_vae_fp32, vae_precision
 from hypersd_core.paths import DIGITS_ADAPTERS, DIGITS_PIPELINE, SCENES_ADAPTERS, SCENES_PIPELINE
 
 KINDS = ("digits", "scenes", "sd15", "sdxl")
-WORLDS = {"digits": (DIGITS_PIPELINE, DIGITS_ADAPTERS, "build-digits"),
-          "scenes": (SCENES_PIPELINE, SCENES_ADAPTERS, "build-scenes")}
+WORLDS = {"digits": (DIGITS_PIPELINE, "build-digits"),  # pipeline, the command that builds it
+          "scenes": (SCENES_PIPELINE, "build-scenes")}
 
 
 def shipped_adapters(kind: str) -> Path | None:
@@ -64,7 +64,7 @@ def detect_kind(folder: str | Path) -> str:
 def _resolve(model: str) -> tuple[str, Path | None]:
     """(source, local folder or None for a hub id)."""
     if model in WORLDS:
-        pipeline, _, command = WORLDS[model]
+        pipeline, command = WORLDS[model]
         if not (pipeline / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"the {model} world is missing from assets/{model}/pipeline; "
