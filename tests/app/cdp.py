@@ -151,6 +151,19 @@ class Chromium:
                        " if (el) { el.click(); return true; } return false; })()"):
             raise LookupError(f"nothing matches {selector}")
 
+    def mouse_click(self, selector: str) -> None:
+        """A real mouse click (press and release) at the centre of the first match, for
+        widgets that open on pointer events rather than on ``el.click()``."""
+        box = self.js(f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+                      " if (!el) return null; el.scrollIntoView({block: 'center'});"
+                      " const r = el.getBoundingClientRect();"
+                      " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        if not box:
+            raise LookupError(f"nothing matches {selector}")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1],
+                                                   "button": "left", "clickCount": 1})
+
     def screenshot(self, path: str | Path, full_page: bool = True) -> Path:
         """Save a PNG of the page (the whole page height when full_page)."""
         height = self.height
@@ -165,6 +178,21 @@ class Chromium:
             self.send("Emulation.setDeviceMetricsOverride",
                       {"width": self.width, "height": self.height, "deviceScaleFactor": 1,
                        "mobile": False})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def screenshot_of(self, path: str | Path, element: str, pad: int = 24) -> Path:
+        """Save a PNG of the page region around ``element`` (a JS expression), wherever it
+        is on the page (no scrolling, so polling updates cannot move it out of view)."""
+        r = self.js(f"(() => {{ const r = ({element}).getBoundingClientRect(); return "
+                    "[r.left + scrollX, r.top + scrollY, r.width, r.height]; })()")
+        x, y = max(0, r[0] - pad), max(0, r[1] - pad)
+        clip = {"x": x, "y": y, "width": min(self.width - x, r[2] + 2 * pad),
+                "height": r[3] + 2 * pad, "scale": 1}
+        data = self.send("Page.captureScreenshot", {"format": "png", "clip": clip,
+                                                    "captureBeyondViewport": True})["data"]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
