@@ -282,8 +282,41 @@ def _link(path: Path, doc: Path) -> str:
     return Path(os.path.relpath(path, doc.parent)).as_posix()
 
 
+def gpu_full_lines(full: dict | None) -> list[str]:
+    """The 2-process part of ``bench --gpu --full``: one line per run, and the verdict."""
+    if not full or full.get("dry_run"):
+        return []
+    mp, st = full.get("multi_process", {}), full.get("settings", {})
+    out = [f"Trainer in {st.get('processes')} processes on one GPU (`bench --gpu --full`: "
+           f"{st.get('backend')}, {st.get('model')} at {st.get('resolution')}, mixed precision "
+           f"{st.get('mixed_precision')} with loss scaling, {st.get('steps')} steps, batch "
+           f"{st.get('batch')}; {full.get('seconds', 0):.0f} s in all):", "",
+           "| run | state | step | ranks agree | s | peak GB | resumed = straight |",
+           "|---|---|---|---|---|---|---|"]
+    for name, row in mp.items():
+        same = ""
+        if name == "resume":
+            same = "bit-identical" if row.get("equals_straight_run") else (
+                f"no: max diff {row.get('max_diff_resumed')}" if "max_diff_resumed" in row
+                else "no")
+        mem = row.get("mem_gb")
+        out.append(f"| {name} | {row.get('state')} | {row.get('step')} | "
+                   f"{row.get('ranks_agree')} | {row.get('seconds')} | "
+                   f"{f'{mem:.1f}' if mem else 'n/a'} | {same} |")
+    out += [""] + ([f"Errors: {'; '.join(full['errors'])}"] if full.get("errors") else
+                   ["No errors."])
+    resumed = mp.get("resume", {})
+    if resumed and not resumed.get("equals_straight_run") and "max_diff_repeat" not in resumed:
+        out += ["", "These figures predate the repeat of the straight run: bit-identity alone "
+                "cannot tell a resume fault from GPU kernels that are not deterministic "
+                "(attention and convolution backward). The check now repeats the straight "
+                "run and judges the resume against that floor; it has not run on a GPU since."]
+    return out
+
+
 def readme_section(result: dict | None, gpu: dict | None = None,
-                   speed: dict | None = None, doc: Path | None = None) -> str:
+                   speed: dict | None = None, doc: Path | None = None,
+                   full: dict | None = None) -> str:
     """The docs' Performance section: how to reproduce, the bench tables, the GPU status.
     Links to the published files are written relative to ``doc`` (default PERFORMANCE_DOC)."""
     doc = Path(doc or PERFORMANCE_DOC)
@@ -304,7 +337,7 @@ def readme_section(result: dict | None, gpu: dict | None = None,
         if result.get("plot"):  # bench.md sits beside the plot; this section does not
             text = text.replace(f"]({result['plot']})", f"]({files['bench.png']})")
         out.append(text)
-    out += [""] + gpu_lines(gpu) + [""] + gpu_speed_lines(speed)
+    out += [""] + gpu_lines(gpu) + [""] + gpu_full_lines(full) + [""] + gpu_speed_lines(speed)
     return "\n".join(out) + "\n"
 
 

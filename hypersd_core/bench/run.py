@@ -250,7 +250,8 @@ def publish_section() -> Path:
         path = PUBLISHED / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    body = readme_section(load("bench.json"), load("bench_gpu.json"), load("bench_gpu_speed.json"))
+    body = readme_section(load("bench.json"), load("bench_gpu.json"), load("bench_gpu_speed.json"),
+                          full=load("bench_gpu_full.json"))
     return update_readme(PERFORMANCE_DOC, body)
 
 
