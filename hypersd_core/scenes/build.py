@@ -48,6 +48,11 @@ class SceneBuildConfig:
     vae_fg_from: int = 600  # ... from this step on
     vae_batch: int = 16
     text_steps: int = 1500
+    # the states after the caption (its end token and the padding, which see all of it)
+    # also name what the caption puts in each half of the image: padding position p
+    # speaks for half p % 4 (left, right, top, bottom), so the UNet's cross-attention can
+    # fetch "what goes on my side" by position (LAYOUT_HALVES; docs/scenes.md)
+    text_layout: bool = True
     unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -230,6 +235,36 @@ def caption_slots(scene: world.Scene) -> list[int]:
 
 
 SLOT_SIZES = [2, 5, 3, 6, 5, 3, 7, 6, 4]
+LAYOUT_HALVES = ("left", "right", "top", "bottom")
+LAYOUT_SIZES = [len(world.CLASSES) + 1, len(world.COLOUR_NAMES) + 1, len(world.SIZE_NAMES) + 2]
+# where a relation puts its first and second object
+_RELATION_HALVES = {"left of": (0, 1), "right of": (1, 0), "above": (2, 3), "below": (3, 2)}
+
+
+def layout_slots(scene: world.Scene) -> list[list[int]]:
+    """Per half of the image (LAYOUT_HALVES), the object the caption puts there as
+    [class, colour, size] indices; the last index of each means "none asked for" (and for
+    size also "no size word"). Count captions put nothing in a particular half."""
+    none = [len(world.CLASSES), len(world.COLOUR_NAMES), len(world.SIZE_NAMES) + 1]
+    out = [list(none) for _ in LAYOUT_HALVES]
+    if scene.template == "relation":
+        given = scene.size_given + [False] * (2 - len(scene.size_given))
+        for obj, half, g in zip(scene.objects, _RELATION_HALVES[scene.relation], given):
+            out[half] = [world.CLASSES.index(obj.cls), world.COLOUR_NAMES.index(obj.colour),
+                         world.SIZE_NAMES.index(obj.size) if g else len(world.SIZE_NAMES)]
+    return out
+
+
+def layout_loss(hidden: torch.Tensor, ids: torch.Tensor, eos: int, heads, targets):
+    """Cross-entropy of the layout heads on every state from the caption's end token on:
+    position p answers for half p % 4. ``targets``: [B, 4, 3] from ``layout_slots``."""
+    first_eos = (ids == eos).int().argmax(1)  # the caption's end; padding repeats it
+    pos = torch.arange(ids.shape[1])
+    mask = pos[None, :] >= first_eos[:, None]  # [B, T]
+    per_pos = targets[:, pos % len(LAYOUT_HALVES), :]  # [B, T, 3]
+    states = hidden[mask]
+    tgt = per_pos[mask]
+    return sum(F.cross_entropy(h(states), tgt[:, j]) for j, h in enumerate(heads))
 
 
 def train_text_encoder(work: Path, tokenizer, cfg: SceneBuildConfig):
@@ -240,21 +275,33 @@ def train_text_encoder(work: Path, tokenizer, cfg: SceneBuildConfig):
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(
         cfg, len(vocab), vocab[world.SPECIAL_BOS], vocab[world.SPECIAL_EOS])))
     heads = torch.nn.ModuleList(torch.nn.Linear(cfg.text_hidden, n) for n in SLOT_SIZES)
-    opt = torch.optim.AdamW([*text_encoder.parameters(), *heads.parameters()], lr=1e-3)
+    modules = {"text": text_encoder, "heads": heads}
+    if cfg.text_layout:
+        modules["layout"] = torch.nn.ModuleList(torch.nn.Linear(cfg.text_hidden, n)
+                                                for n in LAYOUT_SIZES)
+    opt = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=1e-3)
     sched = _warmup_cosine(opt, cfg.text_steps, warm=50)
+    eos = vocab[world.SPECIAL_EOS]
 
     def step(i, g):
         seeds = torch.randint(0, world.SPLIT_SIZE, (128,), generator=g).tolist()
         batch = [world.sample_scene(world.scene_seed("train", s)) for s in seeds]
         slots = torch.tensor([caption_slots(s) for s in batch])
-        pooled = text_encoder(tokenize(tokenizer, [s.prompt for s in batch])).pooler_output
-        loss = sum(F.cross_entropy(h(pooled), slots[:, j]) for j, h in enumerate(heads))
+        ids = tokenize(tokenizer, [s.prompt for s in batch])
+        out = text_encoder(ids)
+        loss = sum(F.cross_entropy(h(out.pooler_output), slots[:, j])
+                   for j, h in enumerate(heads))
+        logs = {"loss": loss.item()}
+        if cfg.text_layout:
+            lay = layout_loss(out.last_hidden_state, ids, eos, modules["layout"],
+                              torch.tensor([layout_slots(s) for s in batch]))
+            loss = loss + lay
+            logs["layout"] = lay.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        return {"loss": loss.item()}
+        return logs
 
-    resumable_loop("text_encoder", work, {"text": text_encoder, "heads": heads}, opt, sched,
-                   cfg.text_steps, step, cfg)
+    resumable_loop("text_encoder", work, modules, opt, sched, cfg.text_steps, step, cfg)
     return text_encoder.eval().requires_grad_(False)
 
 

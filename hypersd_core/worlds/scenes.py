@@ -350,7 +350,7 @@ def write_tokenizer(folder: str | Path) -> None:
     """A CLIPTokenizer for the scenes vocabulary (any lower-case ASCII prompt tokenizes)."""
     from hypersd_core.worlds.tokenizer import write_clip_tokenizer
 
-    write_clip_tokenizer(folder, WORDS, MAX_TOKENS)
+    write_clip_tokenizer(folder, WORDS, MAX_TOKENS, whole_words=True)
 
 
 def cell_targets(items: list[Scene]) -> dict[str, torch.Tensor]:

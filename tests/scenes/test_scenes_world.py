@@ -124,3 +124,49 @@ def test_cluster_bootstrap_draws_whole_clusters():
     picked = clusters[draw]
     for name, size in (("a", 5), ("b", 3), ("c", 2)):
         assert (picked == name).sum() % size == 0
+
+
+def test_every_word_of_the_grammar_is_one_token(tmp_path):
+    """With merges made per word left to right, a merge of an earlier word can outrank a
+    later word's own ("r e" from "red" splits "green"); the scenes tokenizer adds merges
+    until CLIP's BPE spells each word whole, so every caption leaves room after its end."""
+    from transformers import CLIPTokenizer
+
+    from hypersd_core.worlds.tokenizer import write_clip_tokenizer
+
+    write_clip_tokenizer(tmp_path / "old", W.WORDS, W.MAX_TOKENS)
+    old = CLIPTokenizer.from_pretrained(tmp_path / "old")
+    assert len(old.tokenize("green")) > 1  # the first rule's flaw, kept for digits
+    W.write_tokenizer(tmp_path / "new")
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "new")
+    assert [w for w in W.WORDS if len(tok.tokenize(w)) != 1] == []
+    longest = max(len(tok(s.prompt).input_ids) for s in W.scenes("train", 500))
+    assert longest <= W.MAX_TOKENS - 4  # the four layout positions always exist
+
+
+def test_layout_slots_put_each_related_object_in_its_half():
+    from hypersd_core.scenes.build import LAYOUT_HALVES, layout_slots, layout_loss
+
+    a = W.SceneObject("star", "red", "small", (0, 0))
+    b = W.SceneObject("circle", "blue", "large", (1, 1))
+    scene = W.Scene("a small red star above a blue circle", "relation", [a, b],
+                        relation="above", size_given=[True, False])
+    slots = dict(zip(LAYOUT_HALVES, layout_slots(scene)))
+    none = [len(W.CLASSES), len(W.COLOUR_NAMES), len(W.SIZE_NAMES) + 1]
+    assert slots["top"] == [W.CLASSES.index("star"), W.COLOUR_NAMES.index("red"),
+                            W.SIZE_NAMES.index("small")]
+    assert slots["bottom"] == [W.CLASSES.index("circle"),
+                               W.COLOUR_NAMES.index("blue"), len(W.SIZE_NAMES)]
+    assert slots["left"] == slots["right"] == none
+    count = W.Scene("two red stars", "count", [a, a], count=2, size_given=[False])
+    assert layout_slots(count) == [none] * 4
+    # the loss reads only the states from the end token on, position p for half p % 4
+    import torch
+
+    ids = torch.tensor([[0, 5, 6, 9, 9, 9, 9, 9]])  # 9: the end token, then padding
+    hidden = torch.zeros(1, 8, 3)
+    heads = [torch.nn.Linear(3, n) for n in (7, 6, 4)]
+    targets = torch.tensor([layout_slots(scene)])
+    loss = layout_loss(hidden, ids, 9, heads, targets)
+    hidden[0, :3] = 100.0  # the caption's own states do not enter it
+    assert torch.equal(layout_loss(hidden, ids, 9, heads, targets), loss)
