@@ -109,10 +109,15 @@ def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INI
     logs["steps_done"] = step + 1
     seconds = time.perf_counter() - t0
     if accelerator.num_processes > 1:  # whole weights in a plain UNet (ZeRO-3: on rank 0 only)
+        from diffusers import UNet2DConditionModel
+
+        config = accelerator.unwrap_model(student).config
         state = full_state_dict(accelerator, student)
-        student = fused_student(None, "cpu") if state else None
-        if student is None:
+        if not state:
             return None, seconds, logs
+        # a plain UNet built from the config: one loaded with from_pretrained inside an
+        # FSDP2 launch comes back with parameters that whole tensors cannot be copied into
+        student = UNet2DConditionModel.from_config(config)
         student.load_state_dict(state)
     return student.eval().requires_grad_(False), seconds, logs
 

@@ -94,12 +94,13 @@ def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tens
     the local copy.
     """
     from accelerate.utils import DistributedType
+    from torch.distributed.tensor import DTensor
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.tensor import DTensor
-
         state = accelerator.unwrap_model(model).state_dict()
-        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-                for k, v in state.items()}
-    state = accelerator.get_state_dict(model)
-    return {k: v.detach().cpu() for k, v in (state or {}).items()}
+    else:  # also FSDP2 on the CPU, which accelerate reports as MULTI_CPU: DTensors below
+        state = accelerator.get_state_dict(model) or {}
+    # whole tensors, cloned: a gathered tensor (and on the CPU, ``.cpu()`` of one) can
+    # share storage that FSDP2 frees or reshards afterwards
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in state.items()}

@@ -79,9 +79,6 @@ def test_deepspeed_without_cuda_or_package_is_one_line(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="training runs under FSDP2 on the CPU; gathering the sharded weights "
-                          "to save them fails (mixed torch.Tensor and DTensor): docs/distributed.md",
-                   strict=False)
 def test_fsdp_config_trains_the_digits_onestep_unet_on_two_cpu_processes(tmp_path):
     """assets/accelerate/fsdp-onestep-unet-cpu.yaml: FSDP2 over gloo, 2 processes, 3 steps
     of the full one-step UNet; the saved UNet moved away from its start and is finite."""
