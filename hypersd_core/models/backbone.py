@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hypersd_core.models.vae_precision import keep_vae_fp32, vae_precision
+from hypersd_core.models.vae_precision import first_parameter, keep_vae_fp32, vae_precision
 from hypersd_core.paths import DIGITS_ADAPTERS, DIGITS_PIPELINE, SCENES_ADAPTERS, SCENES_PIPELINE
 
 KINDS = ("digits", "scenes", "sd15", "sdxl")
@@ -179,11 +179,11 @@ class Backbone:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return first_parameter(self.pipe.unet).device  # not unet.device: see first_parameter
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return first_parameter(self.pipe.unet).dtype
 
     @property
     def resolution(self) -> int:
@@ -227,8 +227,9 @@ class Backbone:
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] -> scaled latents [B,4,H/f,W/f] (posterior mean)."""
         vae = self.vae
+        weight = first_parameter(vae)
         with vae_precision(vae):
-            latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+            latents = vae.encode(images.to(weight.device, weight.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -237,7 +238,8 @@ class Backbone:
         vae = self.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         with vae_precision(vae):
-            return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+            return vae.decode(latents.to(first_parameter(vae).dtype) / vae.config.scaling_factor
+                              + shift).sample
 
     def adapter_path(self, name: str) -> Path:
         """Folder of a named adapter shipped with this backbone (digits)."""
