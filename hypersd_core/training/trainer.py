@@ -15,255 +15,40 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
 
 from hypersd_core.distill.optim import all_reduce_grads
 from hypersd_core.training import collective
-from hypersd_core.training import runs as runs_mod
-from hypersd_core.training.config import StageConfig
 from hypersd_core.training.engines import check_lora_engine
+from hypersd_core.training.resume import (  # noqa: F401 (_step_generator: re-exported)
+    ResumeRefusedError,
+    _resume_state,
+    _save_state,
+    _scaler_update,
+    _step_generator,
+    _weights_finite,
+)
 from hypersd_core.training.runs import Run, RunLockedError
+from hypersd_core.training.student import (  # noqa: F401 (re-exported for callers)
+    SEPARATE_INIT_STAGES,
+    STUDENT,
+    VAE_GRAD_STAGES,
+    checkpointing_on,
+    enable_checkpointing,
+    frozen_dtype,
+    make_stage,
+    sample_grid,
+    sample_method,
+    schedule_period,
+    setup_student,
+)
 from hypersd_core.training.threads import ThreadShare
-
-STUDENT = "student"
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class ResumeRefusedError(RuntimeError):
-    """The processes of a run cannot resume from the same checkpoint."""
-
-
-def make_stage(cfg: StageConfig, backbone):
-    """The stage object: ``loss(batch, generator) -> ([B], logs)`` plus optional hooks."""
-    if cfg.stage in ("tscd", "lcm", "tcd"):
-        from hypersd_core.distill.adversarial import AdversarialTerm
-        from hypersd_core.distill.tscd import ConsistencyStage
-
-        disc = None
-        if cfg.adv_weight > 0:
-            disc = AdversarialTerm(backbone.unet, backbone.alphas_cumprod.to(backbone.device).float(),
-                                   backbone.num_train_timesteps, cfg.adv_lr, cfg.adv_hidden,
-                                   cfg.adv_heads, cfg.adv_real, cfg.adv_schedule, cfg.grad_accum,
-                                   cfg.adv_renoise_span)
-        return ConsistencyStage(cfg, backbone, discriminator=disc)
-    if cfg.stage == "feedback":
-        from hypersd_core.distill.feedback import FeedbackStage
-
-        return FeedbackStage(cfg, backbone)
-    if cfg.stage == "dmd":
-        from hypersd_core.distill.dmd import DMDStage
-
-        return DMDStage(cfg, backbone)
-    raise ValueError(f"unknown stage {cfg.stage!r}")
-
-
-def schedule_period(cfg: StageConfig) -> int:
-    """Trainer steps in one period of a stage's schedule: DMD2's ``critic_steps`` (critic-only
-    steps, then a generator step), 2 for PCM's alternating adversarial term (a discriminator
-    step, then a student step), else 1. Stages count by the step given to ``begin_step``."""
-    if cfg.stage == "dmd":
-        return cfg.critic_steps
-    if cfg.stage in ("tscd", "tcd") and cfg.adv_weight > 0 and cfg.adv_schedule == "alternate":
-        return 2
-    return 1
-
-
-def sample_method(cfg: StageConfig) -> str:
-    return {"tscd": "hypersd", "lcm": "lcm", "tcd": "tcd", "feedback": "hypersd",
-            "dmd": "hypersd-unified"}[cfg.stage]
-
-
-@torch.no_grad()
-def sample_grid(backbone, cfg: StageConfig, out_path: Path):
-    """The fixed prompts/seeds with the current weights, saved as one PNG row; returns images."""
-    from PIL import Image
-
-    from hypersd_core.models.sampling import get_recipe, make_scheduler, recipe_eta
-
-    method = sample_method(cfg)
-    recipe = get_recipe(method)
-    pipe = backbone.pipe
-    old = pipe.scheduler
-    pipe.scheduler = make_scheduler(backbone, method, cfg.default_sample_steps)
-    try:
-        eta = recipe_eta(recipe, cfg.default_sample_steps)
-        kwargs = {"eta": eta} if eta is not None else {}
-        images = pipe(prompt=cfg.sample_prompts, num_inference_steps=cfg.default_sample_steps,
-                      guidance_scale=0.0, **kwargs,
-                      generator=[torch.Generator().manual_seed(i)
-                                 for i in range(len(cfg.sample_prompts))]).images
-    finally:
-        pipe.scheduler = old
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * len(images), h))
-    for i, im in enumerate(images):
-        grid.paste(im, (i * w, 0))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out_path)
-    return images
-
-
-def _step_generator(cfg: StageConfig, step: int, rank: int, world: int = 1) -> torch.Generator:
-    """A generator per (seed, step, process): a resumed run draws the same batches, and no
-    two (step, process) pairs of a run share one."""
-    return torch.Generator().manual_seed(collective.step_seed(cfg.seed, step, rank, world))
-
-
-def _save_state(tmp: Path, unet, optimizer, lr_sched, stage, step: int, nonfinite: int,
-                scaler=None, data=None):
-    from safetensors.torch import save_file
-
-    from hypersd_core.models.lora import lora_state_dict
-
-    state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(unet, STUDENT).items()}
-    save_file(state, str(tmp / "lora.safetensors"))
-    extra = {"optimizer": optimizer.state_dict(), "lr_sched": lr_sched.state_dict(),
-             "step": step, "nonfinite": nonfinite}
-    if hasattr(stage, "state_dict"):
-        extra["stage"] = stage.state_dict()
-    if scaler is not None:  # fp16: the loss scale and its growth count
-        extra["scaler"] = scaler.state_dict()
-    if data is not None:  # the loader's position (a streamed source resumes where it was)
-        extra["data"] = data.state_dict()
-    torch.save(extra, tmp / "trainer.pt")
-
-
-def _load_state(ckpt: Path, unet, optimizer, lr_sched, stage, scaler=None,
-                data=None) -> tuple[int, int]:
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(unet, load_file(str(ckpt / "lora.safetensors")), adapter_name=STUDENT)
-    extra = torch.load(ckpt / "trainer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    lr_sched.load_state_dict(extra["lr_sched"])
-    if "stage" in extra and hasattr(stage, "load_state_dict"):
-        stage.load_state_dict(extra["stage"])
-    if scaler is not None and "scaler" in extra:
-        scaler.load_state_dict(extra["scaler"])
-    if "data" in extra and data is not None:
-        data.load_state_dict(extra["data"])
-    return int(extra["step"]), int(extra["nonfinite"])
-
-
-def _resume_state(run: Run, unet, optimizer, lr_sched, stage, scaler=None,
-                  data=None) -> tuple[int, int]:
-    """Load the newest intact checkpoint, the same one on every process.
-
-    Rank 0 lists the checkpoints and verifies them (it alone reads their SHA-256) and
-    sends their names. Every process checks that it sees the chosen one (manifest and
-    sizes), or all refuse naming the ranks that do not: a process never falls back to
-    another checkpoint, or to step 0, alone. One that fails its checksums or does not load
-    is skipped on every process with a warning naming it (kept in status.json); (0, 0)
-    when there is none.
-    """
-    main = collective.rank() == 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        names = collective.broadcast([p.name for p in run.checkpoints()] if main else None)
-        state = None
-        for name in reversed(names):
-            ckpt = run.checkpoints_dir / name
-            lacking = collective.missing_on(not runs_mod.checkpoint_problem(ckpt, hashes=False))
-            if lacking:
-                raise ResumeRefusedError(
-                    f"checkpoint {ckpt} (the newest intact one on rank 0) is missing or incomplete "
-                    f"on rank(s) {lacking}: every process must see the run folder; no process resumed")
-            try:
-                loaded, why = _load_state(ckpt, unet, optimizer, lr_sched, stage, scaler, data), ""
-            except Exception as err:  # e.g. a manifest without checksums over a bad file
-                loaded, why = None, (str(err).strip().splitlines() or [""])[0][:200]
-                why = f"{type(err).__name__}: {why}"
-            failed = collective.missing_on(loaded is not None)
-            if not failed:
-                state = loaded
-                break
-            warnings.warn(f"skipping checkpoint {ckpt}: it does not load on rank(s) {failed}"
-                          + (f" ({why})" if why else ""), stacklevel=2)
-    notes = collective.broadcast([str(w.message) for w in caught])  # rank 0's view
-    if main:
-        for note in notes:
-            print(f"warning: {note}", file=sys.stderr, flush=True)
-    if state is None and notes:
-        raise RuntimeError(f"no intact checkpoint to resume {run.dir} from ({'; '.join(notes)})")
-    if notes and main:
-        run.write_status(warning="; ".join(notes) + f"; resumed from step {state[0]}")
-    return state or (0, 0)
-
-
-def _scaler_update(scaler, overflow: bool) -> None:
-    """Advance the fp16 loss scale by the collective verdict (the same on every process),
-    not by this process's own found-inf flag: an overflow lowers it, a finite step counts
-    towards growing it."""
-    if overflow:
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-    else:
-        scaler.update()
-
-
-def _weights_finite(unet) -> bool:
-    from hypersd_core.models.lora import lora_state_dict
-
-    return all(bool(torch.isfinite(v).all()) for v in lora_state_dict(unet, STUDENT).values())
-
-
-def frozen_dtype(cfg: StageConfig, use_cuda: bool) -> torch.dtype:
-    """The dtype of the frozen weights (UNet, VAE, text encoders); LoRAs stay fp32.
-
-    ``auto``: on CUDA the half type of ``mixed_precision`` (fp32 with "no"), fp32 on
-    the CPU. Setting it (e.g. bf16 with mixed_precision=bf16) runs the GPU's dtype path
-    on the CPU.
-    """
-    name = cfg.frozen_dtype
-    if name == "auto":
-        name = cfg.mixed_precision if use_cuda and cfg.mixed_precision != "no" else "fp32"
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def checkpointing_on(cfg: StageConfig, use_cuda: bool) -> bool:
-    """Gradient checkpointing: ``auto`` is on with CUDA, off on the CPU."""
-    return cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and use_cuda)
-
-
-# stages that decode latents with gradients through the VAE
-VAE_GRAD_STAGES = ("feedback", "dmd")
-
-
-def enable_checkpointing(backbone, cfg: StageConfig, use_cuda: bool) -> bool:
-    """UNet gradient checkpointing, and the VAE's for stages that decode with gradients
-    (an SDXL 1024^2 decode with gradients alone holds ~19 GiB of activations)."""
-    from hypersd_core.models.checkpointing import adapter_aware_checkpoint
-
-    if not checkpointing_on(cfg, use_cuda):
-        return False
-    # recomputation under the forward's LoRA state (the discriminator runs adapters off)
-    backbone.unet.enable_gradient_checkpointing(adapter_aware_checkpoint)
-    if cfg.stage in VAE_GRAD_STAGES:
-        backbone.vae.enable_gradient_checkpointing()
-    return True
-
-
-# stages that keep init_adapter as a separate frozen adapter under a new student LoRA
-SEPARATE_INIT_STAGES = ("feedback",)
-
-
-def setup_student(backbone, cfg: StageConfig) -> list[torch.nn.Parameter]:
-    """Freeze the base, add the student LoRA (fp32), start it from init_adapter if given."""
-    from hypersd_core.models.lora import add_lora, load_lora_into
-
-    for module in (backbone.unet, backbone.vae, backbone.pipe.text_encoder):
-        module.requires_grad_(False)
-    params = add_lora(backbone.unet, cfg.lora_rank, cfg.lora_alpha, adapter_name=STUDENT)
-    if cfg.init_adapter and cfg.stage not in SEPARATE_INIT_STAGES:
-        load_lora_into(backbone.unet, cfg.init_adapter, STUDENT)
-    backbone.unet.set_adapter(STUDENT)
-    return params
 
 
 def train(run_dir: str | Path, resume: bool = False) -> dict:
