@@ -111,7 +111,8 @@ def test_gpu_durations_follow_the_request(monkeypatch):
     fake = types.ModuleType("spaces")
     fake.GPU = lambda duration=120: (durations.append(duration), lambda f: f)[1]
     monkeypatch.setitem(sys.modules, "spaces", fake)
-    from compare_tab.compare import build_compare_tab, build_generate_tab
+    from compare_tab.compare import build_compare_tab
+    from compare_tab.generate import build_generate_tab
 
     service = ModelService("digits", device="cpu")
     with gr.Blocks():
