@@ -115,8 +115,7 @@ def train_onestep_unet(cfg: OneStepConfig, device: str = "cpu", init_adapter=INI
         state = full_state_dict(accelerator, student)
         if not state:
             return None, seconds, logs
-        # a plain UNet built from the config: one loaded with from_pretrained inside an
-        # FSDP2 launch comes back with parameters that whole tensors cannot be copied into
+        # the whole weights into a plain UNet of the same config (no second pipeline load)
         student = UNet2DConditionModel.from_config(config)
         student.load_state_dict(state)
     return student.eval().requires_grad_(False), seconds, logs

@@ -50,8 +50,9 @@ class SceneBuildConfig:
     text_steps: int = 1500
     # the states after the caption (its end token and the padding, which see all of it)
     # also name what the caption puts in each half of the image: padding position p
-    # speaks for half p % 4 (left, right, top, bottom), so the UNet's cross-attention can
-    # fetch "what goes on my side" by position (LAYOUT_HALVES; docs/scenes.md)
+    # speaks for half p % 4 (left, right, top, bottom), for the UNet's cross-attention to
+    # fetch "what goes on my side" by position (LAYOUT_HALVES). It has not yet taught the
+    # teacher the relations (docs/scenes.md, criterion (a))
     text_layout: bool = True
     unet_steps: int = 6000
     unet_batch: int = 32

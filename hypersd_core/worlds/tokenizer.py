@@ -15,10 +15,10 @@ def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     while len(pieces) > 1:
         pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in
                  enumerate(zip(pieces, pieces[1:]))]
-        rank, _ = min(pairs)
+        rank, at = min(pairs)
         if rank > len(ranks):
             break
-        first, second = next((pieces[i], pieces[i + 1]) for r, i in pairs if r == rank)
+        first, second = pieces[at], pieces[at + 1]
         out, i = [], 0
         while i < len(pieces):
             if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == (first, second):

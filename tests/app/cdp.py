@@ -37,6 +37,14 @@ def _high(fd: int) -> int:
     return new
 
 
+def _save_png(data: str, path: str | Path) -> Path:
+    """Write a base64 PNG from Page.captureScreenshot to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(data))
+    return path
+
+
 class Chromium:
     """One headless browser with one page; ``send`` runs a DevTools command on the page."""
 
@@ -178,10 +186,7 @@ class Chromium:
             self.send("Emulation.setDeviceMetricsOverride",
                       {"width": self.width, "height": self.height, "deviceScaleFactor": 1,
                        "mobile": False})
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
-        return path
+        return _save_png(data, path)
 
     def screenshot_of(self, path: str | Path, element: str, pad: int = 24) -> Path:
         """Save a PNG of the page region around ``element`` (a JS expression), wherever it
@@ -193,10 +198,7 @@ class Chromium:
                 "height": r[3] + 2 * pad, "scale": 1}
         data = self.send("Page.captureScreenshot", {"format": "png", "clip": clip,
                                                     "captureBeyondViewport": True})["data"]
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
-        return path
+        return _save_png(data, path)
 
     def close(self) -> None:
         try:
