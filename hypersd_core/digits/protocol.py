@@ -31,6 +31,7 @@ LR_POINTS = ("1.0e-4", "3e-4", "1.0e-3")  # the learning-rate search, per method
 PRESET_LR = {"lcm": "3e-4", "tcd": "3e-4", "k8": "1.0e-3"}  # its choices, in the presets
 SWEEP = {"lcm": "digits-lcm", "tcd": "digits-tcd", "k8": "digits-tscd-k8"}
 SWEEP_STEPS = 600
+BASELINE_BUDGET = ("steps=3300", "checkpoint_every=300", "keep_checkpoints=12")
 
 
 def protocol_runs() -> list[RunSpec]:
@@ -46,8 +47,11 @@ def protocol_runs() -> list[RunSpec]:
         # DMD2 (two time scales, GAN branch) from the better k=1 of the ablation (direct),
         # at rank 16 like every compared row; with the feedback rewards and without
         RunSpec("dmd", "digits-dmd", parent="k1-direct"),
-        RunSpec("lcm", "digits-lcm"),
-        RunSpec("tcd", "digits-tcd"),
+        # the baselines trained to the unified adapter's count (k1-direct 76,800 + DMD
+        # 28,800 = 105,600 samples), a checkpoint every 9,600: the report compares each
+        # Hyper-SD row with the baselines' checkpoint at its own sample count
+        RunSpec("lcm", "digits-lcm", BASELINE_BUDGET),
+        RunSpec("tcd", "digits-tcd", BASELINE_BUDGET),
         # ablations, each with the budget of the run it replaces
         RunSpec("dmd-nofb", "digits-dmd-nofb", (), "k1-direct", "ablation",
                 "DMD2 reward-free (the dmd row without its feedback rewards)"),

@@ -44,9 +44,15 @@ def row_specs(root: Path) -> list[dict]:
 
     for n in STEPS + (25,):
         add(f"teacher@{n}", "eval", "teacher", n, save=True)
+    samples = run_samples(root)
     for n in STEPS:
-        add(f"lcm@{n}", "eval", "lcm", n, "lcm", save=True)
-        add(f"tcd@{n}", "eval", "tcd", n, "tcd", save=True)
+        # equal budgets: a baseline row is the baseline's checkpoint with the training
+        # samples of the Hyper-SD row it is compared with (its N-step adapter: lcm@N; the
+        # unified adapter: lcm@N/u, the baselines' final adapter, trained to unified's count)
+        for b in ("lcm", "tcd"):
+            add(f"{b}@{n}", "eval", b, n, file=matched_adapter(root, b, samples.get(f"k{n}")),
+                save=True)
+            add(f"{b}@{n}/u", "eval", b, n, b, save=True)
         add(f"hypersd@{n}", "eval", "hypersd", n, f"k{n}", save=True)
     for n in STEPS:
         for eta in ETAS:
@@ -94,6 +100,35 @@ def row_specs(root: Path) -> list[dict]:
         for ck in sorted((root / run / "checkpoints").glob("step-*")):
             add(f"{run}/{ck.name}@1", "curve", "hypersd-unified", 1, file=ck / "lora.safetensors")
     return rows
+
+
+def run_samples(root: Path) -> dict[str, int]:
+    """Training samples of every run in ROOT/protocol.json, its parents' included ({} if
+    there is no record yet)."""
+    try:
+        runs = json.loads((Path(root) / "protocol.json").read_text())["runs"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return {}
+    return {n: r["samples"] for n, r in runs.items() if "samples" in r}
+
+
+def matched_adapter(root: Path, run: str, samples: int | None) -> Path:
+    """``run``'s adapter after ``samples`` training samples: the first checkpoint with at
+    least that many (the final adapter when none is earlier, or ``samples`` is unknown).
+    Equal-budget rows take a baseline's checkpoint at the compared row's sample count."""
+    root = Path(root)
+    final = root / run / WEIGHTS
+    try:
+        rec = json.loads((root / "protocol.json").read_text())["runs"][run]
+        per_step = rec["batch_size"] * rec.get("grad_accum", 1)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return final
+    if samples is None or samples >= rec["samples"]:
+        return final
+    for ck in sorted((root / run / "checkpoints").glob("step-*")):
+        if int(ck.name.split("-")[1]) * per_step >= samples:
+            return ck / "lora.safetensors"
+    return final
 
 
 def copy_adapter(src: str | Path, dst: Path) -> None:

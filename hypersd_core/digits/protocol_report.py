@@ -116,9 +116,18 @@ def hypersd_choice(rows: list[dict], eta: dict) -> dict[int, str]:
 # and what 1-step images get wrong
 
 
+def baseline_row(baseline: str, n: int, hypersd_id: str, arrays: dict) -> str:
+    """The baseline's row with the training samples of ``hypersd_id`` (equal budgets):
+    ``lcm@N`` for an N-step adapter, ``lcm@N/u`` (the baseline's final adapter, trained
+    to unified's count) for the unified one; evaluations without /u rows name ``lcm@N``."""
+    if hypersd_id.startswith("unified") and f"eval/{baseline}@{n}/u" in arrays:
+        return f"{baseline}@{n}/u"
+    return f"{baseline}@{n}"
+
+
 def leads(arrays: dict, rows: list[dict], eta: dict, n_boot: int = 1000, refs=None) -> list[dict]:
     """Hyper-SD against LCM and TCD at each step count, and unified@1 against LCM@4 /
-    TCD@4: paired differences of every FD and independent view with 95% intervals and
+    TCD@4, each baseline at the compared row's training samples (``baseline_row``): paired differences of every FD and independent view with 95% intervals and
     Holm-adjusted p-values over the whole table (every pair and every measure: one
     family), so a verdict "ahead" or "behind" is one that survives the multiplicity."""
     from hypersd_core.protocol.stats import holm
@@ -128,8 +137,9 @@ def leads(arrays: dict, rows: list[dict], eta: dict, n_boot: int = 1000, refs=No
         return []
     refs = refs or references(arrays, n_boot)
     pick = hypersd_choice(rows, eta)
-    pairs = [(n, pick[n], f"{b}@{n}") for n in STEPS for b in ("lcm", "tcd")]
-    pairs += [(1, f"unified@1/eta{eta.get(1, 1.0)}", f"{b}@4") for b in ("lcm", "tcd")]
+    pairs = [(n, pick[n], baseline_row(b, n, pick[n], arrays)) for n in STEPS for b in ("lcm", "tcd")]
+    pairs += [(1, f"unified@1/eta{eta.get(1, 1.0)}", baseline_row(b, 4, "unified", arrays))
+              for b in ("lcm", "tcd")]
     out = []
     for n, a_id, b_id in pairs:
         a, b = arrays.get(f"eval/{a_id}"), arrays.get(f"eval/{b_id}")

@@ -70,6 +70,14 @@ def step_cost(root: Path, spec: RunSpec, cfg, log=print) -> float | None:
     return costs[key]
 
 
+def _previous_runs(root: Path) -> dict:
+    """protocol.json's runs from an earlier invocation on ``root`` ({} if none)."""
+    try:
+        return json.loads((root / "protocol.json").read_text()).get("runs", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
                  steps_scale: float = 1.0, deadline_s: float | None = None,
                  stop_s: float | None = None, extra: list[str] | None = None,
@@ -87,6 +95,15 @@ def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
         raise ValueError(f"runs {missing} are parents of selected runs; select them too")
     record: dict = {"runs": {}, "jobs": jobs, "steps_scale": steps_scale}
     state = {s.name: "waiting" for s in specs}
+    previous = _previous_runs(root)
+    record["runs"].update({n: r for n, r in previous.items()
+                           if n not in names and r.get("state") == "done"})
+    for spec in specs:  # a later invocation keeps what an earlier one finished
+        if spec.name in previous and previous[spec.name].get("state") == "done" \
+                and (root / spec.name / WEIGHTS).is_file():
+            record["runs"][spec.name] = previous[spec.name]
+            state[spec.name] = "done"
+            log(f"{spec.name}: done in an earlier invocation ({previous[spec.name].get('seconds')} s)")
     procs: dict[str, tuple[subprocess.Popen, float]] = {}
     t0 = time.perf_counter()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -98,7 +115,8 @@ def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
 
     while any(v in ("waiting", "running") for v in state.values()):
         for name, (proc, started) in list(procs.items()):
-            if proc.poll() is None:
+            if proc.poll() is None:  # seconds so far: an interrupted run resumes with them
+                record["runs"][name]["seconds"] = round(time.perf_counter() - started, 1)
                 continue
             status = Run(root / name).status()
             ok = proc.returncode == 0 and status.get("state") == "done"
@@ -127,7 +145,12 @@ def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
                 overrides.append(f"init_adapter={root / spec.parent / WEIGHTS}")
             cfg = load_preset(spec.preset, overrides)
             cfg = load_preset(spec.preset, _scaled(overrides, cfg, steps_scale))
-            Run.create(root / spec.name, cfg)
+            resume = (root / spec.name / "config.yaml").is_file()
+            if resume:  # interrupted in an earlier invocation: continue from its checkpoint
+                cfg = Run(root / spec.name).config()
+            else:
+                Run.create(root / spec.name, cfg)
+            earlier = previous.get(spec.name, {}).get("seconds", 0.0) if resume else 0.0
             record["runs"][spec.name] = {
                 "preset": spec.preset, "overrides": list(spec.overrides), "parent": spec.parent,
                 "group": spec.group, "note": spec.note, "steps": cfg.steps,
@@ -135,11 +158,11 @@ def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
                 "lora_rank": cfg.lora_rank, "lr": cfg.lr, "state": "running",
                 "fe_per_sample": step_cost(root, spec, cfg, log) if costs else None}
             record["runs"][spec.name]["samples"] = samples_of(spec.name)
-            out = open(root / f"{spec.name}.log", "w")
+            out = open(root / f"{spec.name}.log", "a" if resume else "w")
             proc = subprocess.Popen([sys.executable, "-m", "hypersd_core.training.trainer",
-                                     "--run", str(root / spec.name)], stdout=out,
-                                    stderr=subprocess.STDOUT, env=env)
-            procs[spec.name] = (proc, time.perf_counter())
+                                     "--run", str(root / spec.name)] + (["--resume"] if resume else []),
+                                    stdout=out, stderr=subprocess.STDOUT, env=env)
+            procs[spec.name] = (proc, time.perf_counter() - earlier)
             state[spec.name] = "running"
             log(f"[{time.perf_counter() - t0:6.0f}s] {spec.name}: started ({cfg.steps} steps)")
         for name, s in state.items():

@@ -17,6 +17,14 @@ def test_baselines_get_the_samples_of_the_whole_tscd_chain():
     chain = sum(cfg[n].steps * cfg[n].batch_size for n in ("k8", "k4", "k2", "k1"))
     for name in ("lcm", "tcd", "k1-direct"):
         assert cfg[name].steps * cfg[name].batch_size >= chain, name
+    # equal budgets: the baselines reach the unified adapter's count (parents included),
+    # with a checkpoint at every N-step adapter's count
+    unified = sum(cfg[n].steps * cfg[n].batch_size for n in ("k1-direct", "dmd"))
+    for name in ("lcm", "tcd"):
+        assert cfg[name].steps * cfg[name].batch_size == unified, name
+        per_ckpt = cfg[name].checkpoint_every * cfg[name].batch_size
+        assert chain % per_ckpt == 0 and cfg[name].keep_checkpoints * cfg[name].checkpoint_every \
+            >= cfg[name].steps, name
     for name in runs:  # one target, batch and rank for every consistency run
         if cfg[name].stage in ("tscd", "lcm", "tcd"):
             assert (cfg[name].w_min, cfg[name].w_max) == (1.0, 1.0), name

@@ -132,3 +132,29 @@ def test_protocol_cli_budget(tmp_path, capsys):
                 "seconds": 1.5, "lora_rank": 16}}}))
     assert main(["budget", "--world", "digits", "--protocol", str(tmp_path / "protocol.json")]) == 0
     assert "| lcm | - | 6 | 36 | 2 | 16 |" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_later_invocation_keeps_finished_runs_and_resumes_an_interrupted_one(tmp_path):
+    """The run graph is resumable across invocations: a run finished by an earlier one is
+    kept with its record (not retrained, not refused as an existing folder); a run left
+    without its final adapter continues from its folder."""
+    import json
+
+    from hypersd_core.protocol.runner import WEIGHTS, RunSpec, run_protocol
+
+    root = tmp_path / "root"
+    runs = [RunSpec("a", "digits-tscd-k8"), RunSpec("b", "digits-tscd-k4", parent="a")]
+    quiet = dict(steps_scale=0.004, log=lambda *_: None, costs=False)
+    first = run_protocol(root, 1, ["a"], runs=runs, **quiet)
+    assert first["runs"]["a"]["state"] == "done"
+    weights_a = (root / "a" / WEIGHTS).stat().st_mtime_ns
+    second = run_protocol(root, 1, ["a", "b"], runs=runs, **quiet)
+    assert (root / "a" / WEIGHTS).stat().st_mtime_ns == weights_a  # a was not retrained
+    assert second["runs"]["a"] == first["runs"]["a"]
+    assert second["runs"]["b"]["state"] == "done"
+    assert second["runs"]["b"]["samples"] == 2 * second["runs"]["a"]["samples"]
+    (root / "b" / WEIGHTS).unlink()  # as if killed before the end
+    third = run_protocol(root, 1, ["a", "b"], runs=runs, **quiet)
+    assert third["runs"]["b"]["state"] == "done" and (root / "b" / WEIGHTS).is_file()
+    assert json.loads((root / "protocol.json").read_text())["runs"]["a"] == first["runs"]["a"]
