@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from hypersd_core.digits.evaluate import eval_prompts
+from hypersd_core.protocol.budget import matched_adapter, run_samples
+from hypersd_core.protocol.runner import copy_adapter  # noqa: F401 (re-exported)
 
 SEEDS = {"eval": (1000, 800), "tune": (5000, 400), "curve": (7000, 400), "ref": (9000, 800)}
 STEPS = (1, 2, 4, 8)
@@ -100,48 +101,6 @@ def row_specs(root: Path) -> list[dict]:
         for ck in sorted((root / run / "checkpoints").glob("step-*")):
             add(f"{run}/{ck.name}@1", "curve", "hypersd-unified", 1, file=ck / "lora.safetensors")
     return rows
-
-
-def run_samples(root: Path) -> dict[str, int]:
-    """Training samples of every run in ROOT/protocol.json, its parents' included ({} if
-    there is no record yet)."""
-    try:
-        runs = json.loads((Path(root) / "protocol.json").read_text())["runs"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return {}
-    return {n: r["samples"] for n, r in runs.items() if "samples" in r}
-
-
-def matched_adapter(root: Path, run: str, samples: int | None) -> Path:
-    """``run``'s adapter after ``samples`` training samples: the first checkpoint with at
-    least that many (the final adapter when none is earlier, or ``samples`` is unknown).
-    Equal-budget rows take a baseline's checkpoint at the compared row's sample count."""
-    root = Path(root)
-    final = root / run / WEIGHTS
-    try:
-        rec = json.loads((root / "protocol.json").read_text())["runs"][run]
-        per_step = rec["batch_size"] * rec.get("grad_accum", 1)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return final
-    if samples is None or samples >= rec["samples"]:
-        return final
-    for ck in sorted((root / run / "checkpoints").glob("step-*")):
-        if int(ck.name.split("-")[1]) * per_step >= samples:
-            return ck / "lora.safetensors"
-    return final
-
-
-def copy_adapter(src: str | Path, dst: Path) -> None:
-    """Copy an adapter file; a training checkpoint's ``lora.safetensors`` (the student's
-    PEFT state, keys without the ``unet.`` prefix) is written in the final adapters'
-    diffusers form, so checkpoints load like finished adapters."""
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(src))
-    if state and not any(k.startswith("unet.") for k in state):
-        save_file({f"unet.{k}": v for k, v in state.items()}, str(dst))
-    else:
-        shutil.copy(src, dst)
 
 
 def run_of(spec: dict, root: Path) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,16 @@ def main(argv: list[str] | None, world) -> int:
     print(f"protocol: {len(record['runs']) - len(failed)} runs done in {record['seconds']} s; "
           f"not done: {failed or 'none'}")
     return 0 if not failed else 1
+
+
+def copy_adapter(src: str | Path, dst: Path) -> None:
+    """Copy an adapter file; a training checkpoint's ``lora.safetensors`` (the student's
+    PEFT state, keys without the ``unet.`` prefix) is written in the final adapters'
+    diffusers form, so checkpoints load like finished adapters."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(src))
+    if state and not any(k.startswith("unet.") for k in state):
+        save_file({f"unet.{k}": v for k, v in state.items()}, str(dst))
+    else:
+        shutil.copy(src, dst)

@@ -225,8 +225,9 @@ def floor(ref: dict, n_splits: int = 200, seed: int = 0) -> dict:
 
 
 def paired_difference(a: dict, b: dict, ref: dict, key: str, n_boot: int = 1000,
-                      seed: int = 0) -> tuple[float, list[float]]:
-    """key(a) - key(b) with a paired cluster-bootstrap interval (same prompts, seeds)."""
+                      seed: int = 0, with_draws: bool = False):
+    """key(a) - key(b) with a paired cluster-bootstrap interval (same prompts, seeds);
+    ``with_draws``: also the bootstrap differences (for a p-value)."""
     rng = np.random.default_rng(seed)
 
     def value(arr, gi, ri):
@@ -241,6 +242,8 @@ def paired_difference(a: dict, b: dict, ref: dict, key: str, n_boot: int = 1000,
     for _ in range(n_boot):
         gi, ri = dist.cluster_draw(a["source"], rng), dist.cluster_draw(ref["source"], rng)
         diffs.append(value(a, gi, ri) - value(b, gi, ri))
+    if with_draws:
+        return float(point), dist.percentile_interval(diffs), np.array(diffs)
     return float(point), dist.percentile_interval(diffs)
 
 

@@ -158,3 +158,23 @@ def test_a_later_invocation_keeps_finished_runs_and_resumes_an_interrupted_one(t
     third = run_protocol(root, 1, ["a", "b"], runs=runs, **quiet)
     assert third["runs"]["b"]["state"] == "done" and (root / "b" / WEIGHTS).is_file()
     assert json.loads((root / "protocol.json").read_text())["runs"]["a"] == first["runs"]["a"]
+
+
+def test_matched_adapter_picks_the_baseline_checkpoint_at_the_compared_rows_samples(tmp_path):
+    import json
+
+    from hypersd_core.protocol.budget import matched_adapter, run_samples
+
+    root = tmp_path
+    for step in (300, 600, 900):
+        (root / "lcm" / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    (root / "protocol.json").write_text(json.dumps({"runs": {
+        "lcm": {"steps": 1200, "batch_size": 32, "samples": 38400, "parent": None},
+        "k8": {"steps": 600, "batch_size": 32, "samples": 19200, "parent": None}}}))
+    assert run_samples(root) == {"lcm": 38400, "k8": 19200}
+    ck = matched_adapter(root, "lcm", 19200)
+    assert ck == root / "lcm" / "checkpoints" / "step-0000600" / "lora.safetensors"
+    assert matched_adapter(root, "lcm", 19201).parent.name == "step-0000900"  # never fewer
+    final = root / "lcm" / "final" / "pytorch_lora_weights.safetensors"
+    assert matched_adapter(root, "lcm", 38400) == final and matched_adapter(root, "lcm", None) == final
+    assert run_samples(tmp_path / "none") == {}
