@@ -264,3 +264,19 @@ def test_report_budget_table_compares_every_row_with_lcm():
     assert "| 8 | hypersd@8 | k8 | 19,200 | 0.25 | 115,200 | 0.25 | 10 | 16 |" in table
     assert "| 4 | hypersd@4 | k4 | 38,400 | 0.50 | 403,200 | 0.88 | 20 | 16 |" in table
     assert "| 1 | unified@1 | dmd | 102,400 |" in table
+
+
+def test_digits_sheet_rows_parse_and_bad_rows_say_what_is_wrong(tmp_path):
+    from PIL import Image
+
+    from hypersd_core.digits.sheet import parse
+    from hypersd_core.evaluation.sheet import draw_sheet
+
+    assert parse("LCM@1=lcm:1:runs/x/final") == ("LCM@1", "lcm", 1, "runs/x/final")
+    assert parse("teacher@25=teacher:25") == ("teacher@25", "teacher", 25, None)
+    with pytest.raises(ValueError, match="LABEL=METHOD:STEPS"):
+        parse("lcm:1")
+    red = [Image.new("RGB", (32, 32), (255, 0, 0))] * 2
+    out = draw_sheet({"a": red, "b": red}, ["p one", "p two"], tmp_path / "s.png")
+    pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
+    assert ((pixels[:, 0] > 200) & (pixels[:, 1] < 50)).mean() > 0.05  # the images are drawn
