@@ -280,3 +280,22 @@ def test_digits_sheet_rows_parse_and_bad_rows_say_what_is_wrong(tmp_path):
     out = draw_sheet({"a": red, "b": red}, ["p one", "p two"], tmp_path / "s.png")
     pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
     assert ((pixels[:, 0] > 200) & (pixels[:, 1] < 50)).mean() > 0.05  # the images are drawn
+
+
+def test_dmd_curves_read_every_logged_point_and_draw_them(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from hypersd_core.digits.dmd_curves import plot, series
+
+    (tmp_path / "dmd").mkdir()
+    lines = [{"step": s, "loss_dmd": 1.0 / s, "loss_fake": 0.3, "loss_cls": 1.38} for s in range(1, 31)]
+    lines.append({"step": 30, "reward/digits-quality": 0.7})
+    (tmp_path / "dmd" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    x, y = series(tmp_path / "dmd" / "metrics.jsonl", "loss_dmd")
+    assert len(x) == 30 and y[0] == 1.0
+    out = plot(tmp_path, tmp_path / "c.png")
+    px = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).astype(int)
+    purple = (abs(px[:, 0] - 148) < 30) & (abs(px[:, 1] - 103) < 30) & (abs(px[:, 2] - 189) < 30)
+    assert purple.sum() > 50  # the dmd line is on the figure

@@ -1,0 +1,73 @@
+"""DMD2's training curves of a protocol root: the distribution-matching loss, the fake
+score's loss, the classifier's loss (chance 1.386) and the sample grids' rewards, for the
+reward-on (``dmd``) and reward-free (``dmd-nofb``) rows, smoothed over 10 logs.
+
+``python -m hypersd_core.digits.dmd_curves --root runs/protocol --out dmd_curves.png``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+PANELS = (("loss_dmd", "distribution-matching loss"), ("loss_fake", "fake-score loss"),
+          ("loss_cls", "classifier loss (chance 1.386)"),
+          ("reward/digits-quality", "sample grid: digits-quality"))
+COLOURS = {"dmd": "tab:purple", "dmd-nofb": "tab:pink"}
+
+
+def series(metrics: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(d["step"], d[key]) for d in map(json.loads, metrics.read_text().splitlines())
+           if key in d]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    x, y = map(np.asarray, zip(*pts))
+    return x, y
+
+
+def plot(root: str | Path, out: str | Path, runs=("dmd", "dmd-nofb"), smooth: int = 10) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    for ax, (key, title) in zip(axes, PANELS):
+        for run in runs:
+            path = Path(root) / run / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            x, y = series(path, key)
+            if len(y) > smooth and not key.startswith("reward/"):
+                y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+                x = x[smooth - 1:]
+            if len(y):
+                ax.plot(x, y, marker="o" if key.startswith("reward/") else None,
+                        label=run, color=COLOURS.get(run))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hypersd_core.digits.dmd_curves")
+    p.add_argument("--root", default="runs/protocol")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    print(plot(args.root, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
