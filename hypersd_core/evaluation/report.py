@@ -107,6 +107,12 @@ def _fd(row: dict | None) -> str:
     return f"{row['fd_real']:.2f}" + (f" [{lo:.1f}, {hi:.1f}]" if lo is not None else "")
 
 
+def _steps_of(row_id: str) -> int:
+    """The step count of a row id: "lcm@4" and "lcm@4/u" (the baseline at unified's
+    training samples) -> 4."""
+    return int(row_id.split("@")[1].split("/")[0])
+
+
 def build_headline(protocol: Path = RESULTS / "protocol.json") -> str:
     """README's headline: per step count, FD vs real of the teacher, LCM, TCD and the
     Hyper-SD row the protocol picked on tune seeds, and the paired verdicts."""
@@ -119,23 +125,25 @@ def build_headline(protocol: Path = RESULTS / "protocol.json") -> str:
              "against TCD |", "|---|---|---|---|---|---|---|---|"]
     for steps in sorted({lead["steps"] for lead in leads}):
         same = {lead["baseline"].split("@")[0]: lead for lead in leads
-                if lead["steps"] == steps and lead["baseline"].endswith(f"@{steps}")}
+                if lead["steps"] == steps and _steps_of(lead["baseline"]) == steps}
         if not same:
             continue
         ours = next(iter(same.values()))["hypersd"]
         cells = [_fd(rows.get(f"teacher@{steps}"))]
-        cells += [_fd(rows.get(f"{m}@{steps}")) for m, _ in HEADLINE_METHODS]
+        # each baseline at the compared row's training samples (the row the lead names)
+        cells += [_fd(rows.get(same[m]["baseline"] if m in same else f"{m}@{steps}"))
+                  for m, _ in HEADLINE_METHODS]
         cells += [_fd(rows.get(ours)), f"`{ours}`"]
         cells += [same[m]["verdict"] if m in same else "-" for m, _ in HEADLINE_METHODS]
         lines.append(f"| {steps} | " + " | ".join(cells) + " |")
-    cross = [lead for lead in leads if not lead["baseline"].endswith(f"@{lead['steps']}")]
+    cross = [lead for lead in leads if _steps_of(lead["baseline"]) != lead["steps"]]
     notes = []
     if "teacher@25" in rows:
         notes.append(f"Teacher at 25 steps: {rows['teacher@25']['fd_real']:.2f}")
     if data.get("fd_floor") is not None:
         notes.append(f"real against real (the floor): {data['fd_floor']:.2f}")
     for lead in cross:
-        notes.append(f"`{lead['hypersd']}` against the {lead['baseline'].split('@')[1]}-step "
+        notes.append(f"`{lead['hypersd']}` against the {_steps_of(lead['baseline'])}-step "
                      f"`{lead['baseline']}`: {lead['verdict']}")
     n = next((r.get("n") for r in rows.values() if r.get("n")), None)
     text = ("\n".join(lines) + "\n\nFD vs real held-out digits in the project's feature space, "
@@ -143,7 +151,9 @@ def build_headline(protocol: Path = RESULTS / "protocol.json") -> str:
             "Hyper-SD row: the adapter the tune seeds picked (`hypersd@N`: the TSCD k=N "
             "adapter; `unified@N/etaE`: the one-step adapter run at N steps, eta E). A verdict "
             "counts the four FDs (vs real and vs the teacher, in the project's and a random "
-            "feature space) whose paired 95% interval excludes a tie. "
+            "feature space) whose paired 95% interval excludes a tie. Every pair has equal "
+            "training samples: LCM and TCD are shown at the compared Hyper-SD row's count "
+            "(`lcm@N`: the k=N adapter's; `lcm@N/u`: the unified adapter's). "
             + "; ".join(notes) + ".\n")
     return text
 

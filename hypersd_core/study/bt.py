@@ -117,7 +117,10 @@ def fit_davidson(counts: np.ndarray, ridge: float = DEFAULT_RIDGE, tol: float = 
         w = (na[..., None] * prob).reshape(len(th), -1)   # (a, m*3)
         info = ((w[..., None] * xf).transpose(0, 2, 1) @ xf
                 - (na[..., None] * xbar).transpose(0, 2, 1) @ xbar) + ridge * eye
-        step = np.linalg.solve(info, grad[..., None])[..., 0]
+        try:
+            step = np.linalg.solve(info, grad[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a ridge below float precision of a huge count:
+            step = (np.linalg.pinv(info) @ grad[..., None])[..., 0]  # the minimum-norm step
         big = np.abs(step).max(axis=-1, keepdims=True)
         step = step * np.minimum(1.0, max_step / np.maximum(big, 1e-300))
         theta[act] = th + step
