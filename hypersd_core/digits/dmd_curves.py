@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hypersd_core.evaluation.sheet import save_figure
+
 PANELS = (("loss_dmd", "distribution-matching loss"), ("loss_fake", "fake-score loss"),
           ("loss_cls", "classifier loss (chance 1.386)"),
           ("reward/digits-quality", "sample grid: digits-quality"))
@@ -52,12 +54,7 @@ def plot(root: str | Path, out: str | Path, runs=("dmd", "dmd-nofb"), smooth: in
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=90)
 
 
 def main(argv=None) -> int:

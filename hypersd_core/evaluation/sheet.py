@@ -29,9 +29,16 @@ def draw_sheet(columns: dict[str, list], prompts: list[str], out: str | Path,
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
         axes[0, c].set_title("\n".join(textwrap.wrap(prompt, 22)), fontsize=6.5)
+    return save_figure(fig, out, dpi=100)
+
+
+def save_figure(fig, out: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write (its folder made) and close a matplotlib figure; the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
