@@ -53,13 +53,13 @@ def _held_out(check, data, batch_size):
     return {k: sum(d[k] for d in logs) / len(logs) for k in logs[0] if not k.startswith("adv_d_edge")}
 
 
-# Known and open: in these short runs neither PCM's discriminator nor DMD2's classifier
-# gets past chance on held-out batches. Measured (docs/protocol.md, "What this run shows"):
-# PCM's D with real = the target's jump holds hinge 2.00 after 40 and after 200 D steps
-# (real and fake are the same network's jumps one teacher step apart), against 1.97 / 1.89
-# with real = data; DMD2's head, even trained alone on fixed bottleneck features of the
-# digits UNet (4x4x64), reaches only 0.53-0.69 held-out accuracy in 300 steps.
-# strict: when either learns, the test passes, the xfail fails, and the mark comes off.
+# Known and open: in this short run PCM's discriminator does not get past chance on
+# held-out batches. Measured (docs/protocol.md, "What this run shows"): with real = the
+# target's jump it holds hinge 2.00 after 40 and after 200 D steps (real and fake are the
+# same network's jumps one teacher step apart), against 1.97 / 1.89 with real = data.
+# DMD2's classifier check passes from the protocol-v2 k=1 adapter (held-out accuracy 0.41
+# -> 0.56, loss 1.433 -> 1.378); from the previous k=1 adapter it stayed at chance.
+# strict: when the discriminator learns, the test passes, the xfail fails, the mark comes off.
 NOT_YET = pytest.mark.xfail(strict=True, reason="does not learn past chance in a short run yet")
 
 
@@ -75,7 +75,6 @@ def test_pcm_discriminator_learns_on_held_out_digits():
     assert m["loss_adv_d"] < 1.9 and acc > 0.55, m
 
 
-@NOT_YET
 def test_dmd2_classifier_learns_on_held_out_digits():
     """DMD2 reward-free from the k=1 adapter, 60 steps (60 classifier updates at the
     preset's head rate) on clean inputs (DMD2's cls_on_clean_image without diffusion_gan;
