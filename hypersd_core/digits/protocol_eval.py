@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hypersd_core.digits.evaluate import eval_prompts
-from hypersd_core.protocol.budget import matched_adapter, run_samples
-from hypersd_core.protocol.runner import copy_adapter  # noqa: F401 (re-exported)
+from hypersd_core.protocol.runner import copy_adapter, matched_adapter, run_samples  # noqa: F401 (copy_adapter: re-exported)
 
 SEEDS = {"eval": (1000, 800), "tune": (5000, 400), "curve": (7000, 400), "ref": (9000, 800)}
 STEPS = (1, 2, 4, 8)

@@ -127,7 +127,8 @@ def baseline_row(baseline: str, n: int, hypersd_id: str, arrays: dict) -> str:
 
 def leads(arrays: dict, rows: list[dict], eta: dict, n_boot: int = 1000, refs=None) -> list[dict]:
     """Hyper-SD against LCM and TCD at each step count, and unified@1 against LCM@4 /
-    TCD@4, each baseline at the compared row's training samples (``baseline_row``): paired differences of every FD and independent view with 95% intervals and
+    TCD@4, each baseline at the compared row's training samples (``baseline_row``):
+    paired differences of every FD and independent view with 95% intervals and
     Holm-adjusted p-values over the whole table (every pair and every measure: one
     family), so a verdict "ahead" or "behind" is one that survives the multiplicity."""
     from hypersd_core.protocol.stats import holm

@@ -12,9 +12,6 @@ A row's budget includes its parents' (a run starts from its parent's adapter).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 BACKWARD_FACTOR = 2.0  # a backward costs about two forwards
@@ -126,31 +123,3 @@ def budget_table(runs: dict, names: list[str] | None = None) -> str:
                      f"{b['seconds']:,.0f} | {b['rank'] if b['rank'] is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
-
-def run_samples(root: Path) -> dict[str, int]:
-    """Training samples of every run in ROOT/protocol.json, its parents' included ({} if
-    there is no record yet)."""
-    try:
-        runs = json.loads((Path(root) / "protocol.json").read_text())["runs"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return {}
-    return {n: r["samples"] for n, r in runs.items() if "samples" in r}
-
-
-def matched_adapter(root: Path, run: str, samples: int | None) -> Path:
-    """``run``'s adapter after ``samples`` training samples: the first checkpoint with at
-    least that many (the final adapter when none is earlier, or ``samples`` is unknown).
-    Equal-budget rows take a baseline's checkpoint at the compared row's sample count."""
-    root = Path(root)
-    final = root / run / "final" / "pytorch_lora_weights.safetensors"
-    try:
-        rec = json.loads((root / "protocol.json").read_text())["runs"][run]
-        per_step = rec["batch_size"] * rec.get("grad_accum", 1)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return final
-    if samples is None or samples >= rec["samples"]:
-        return final
-    for ck in sorted((root / run / "checkpoints").glob("step-*")):
-        if int(ck.name.split("-")[1]) * per_step >= samples:
-            return ck / "lora.safetensors"
-    return final

@@ -71,10 +71,10 @@ def step_cost(root: Path, spec: RunSpec, cfg, log=print) -> float | None:
     return costs[key]
 
 
-def _previous_runs(root: Path) -> dict:
-    """protocol.json's runs from an earlier invocation on ``root`` ({} if none)."""
+def recorded_runs(root: str | Path) -> dict:
+    """protocol.json's runs in ``root`` as an earlier invocation left them ({} if none)."""
     try:
-        return json.loads((root / "protocol.json").read_text()).get("runs", {})
+        return json.loads((Path(root) / "protocol.json").read_text()).get("runs", {})
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
@@ -96,7 +96,7 @@ def run_protocol(root: str | Path, jobs: int = 2, only: list[str] | None = None,
         raise ValueError(f"runs {missing} are parents of selected runs; select them too")
     record: dict = {"runs": {}, "jobs": jobs, "steps_scale": steps_scale}
     state = {s.name: "waiting" for s in specs}
-    previous = _previous_runs(root)
+    previous = recorded_runs(root)
     record["runs"].update({n: r for n, r in previous.items()
                            if n not in names and r.get("state") == "done"})
     for spec in specs:  # a later invocation keeps what an earlier one finished
@@ -231,3 +231,23 @@ def copy_adapter(src: str | Path, dst: Path) -> None:
         save_file({f"unet.{k}": v for k, v in state.items()}, str(dst))
     else:
         shutil.copy(src, dst)
+
+def run_samples(root: Path) -> dict[str, int]:
+    """Training samples of every run in ROOT/protocol.json, its parents' included ({} if
+    there is no record yet)."""
+    return {n: r["samples"] for n, r in recorded_runs(root).items() if "samples" in r}
+
+
+def matched_adapter(root: Path, run: str, samples: int | None) -> Path:
+    """``run``'s adapter after ``samples`` training samples: the first checkpoint with at
+    least that many (the final adapter when none is earlier, or ``samples`` is unknown).
+    Equal-budget rows take a baseline's checkpoint at the compared row's sample count."""
+    root = Path(root)
+    final = root / run / WEIGHTS
+    rec = recorded_runs(root).get(run)
+    if rec is None or samples is None or samples >= rec["samples"]:
+        return final
+    for ck in sorted((root / run / "checkpoints").glob("step-*")):
+        if int(ck.name.split("-")[1]) * rec["batch_size"] * rec.get("grad_accum", 1) >= samples:
+            return ck / "lora.safetensors"
+    return final

@@ -24,8 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from hypersd_core.protocol import runner
-from hypersd_core.protocol.budget import matched_adapter, run_samples
-from hypersd_core.protocol.runner import WEIGHTS, RunSpec, copy_adapter
+from hypersd_core.protocol.runner import (
+    WEIGHTS,
+    RunSpec,
+    copy_adapter,
+    matched_adapter,
+    run_samples,
+)
 from hypersd_core.protocol.world import World
 
 STEPS = (1, 2, 4, 8)

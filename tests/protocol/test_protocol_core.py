@@ -163,7 +163,7 @@ def test_a_later_invocation_keeps_finished_runs_and_resumes_an_interrupted_one(t
 def test_matched_adapter_picks_the_baseline_checkpoint_at_the_compared_rows_samples(tmp_path):
     import json
 
-    from hypersd_core.protocol.budget import matched_adapter, run_samples
+    from hypersd_core.protocol.runner import matched_adapter, run_samples
 
     root = tmp_path
     for step in (300, 600, 900):
