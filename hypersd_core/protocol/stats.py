@@ -139,6 +139,35 @@ def cluster_weights(clusters: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return drawn[inverse].astype(np.float64)
 
 
+class ClusterMoments:
+    """A feature set [N,D]'s sums per cluster about its mean, so the Gaussian statistics of
+    any cluster-bootstrap replicate cost C d^2 instead of N d^2. ``inverse``: each row's
+    cluster index (0..C-1)."""
+
+    def __init__(self, x: np.ndarray, inverse: np.ndarray):
+        x = np.asarray(x, dtype=np.float64)
+        self.mu = x.mean(0)
+        xc = x - self.mu
+        n_clusters = int(inverse.max()) + 1
+        self.sizes = np.bincount(inverse, minlength=n_clusters).astype(np.float64)
+        self.sums = np.zeros((n_clusters, x.shape[1]))
+        np.add.at(self.sums, inverse, xc)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.r_[0, np.cumsum(self.sizes.astype(np.int64))]
+        self.outers = np.stack([xc[order[bounds[c]:bounds[c + 1]]].T
+                                @ xc[order[bounds[c]:bounds[c + 1]]]
+                                for c in range(n_clusters)])
+
+    def stats(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance of the replicate that drew cluster c ``counts[c]``
+        times."""
+        n = float(counts @ self.sizes)
+        d_mu = counts @ self.sums / n  # the mean's offset from the whole set's
+        second = np.tensordot(counts, self.outers, 1) / n
+        cov = (second - np.outer(d_mu, d_mu)) * n / max(n - 1.0, 1.0)
+        return self.mu + d_mu, cov
+
+
 class BootstrapReference:
     """A reference feature set [M,D] and its statistics under ``n_boot`` replicates,
     resampled by ``clusters`` (None: by image). ``fd(mu, cov, r)``: the FD of a row's
@@ -152,30 +181,18 @@ class BootstrapReference:
         rng = np.random.default_rng(seed)
         self.weights = [cluster_weights(clusters, rng) if clusters is not None
                         else image_weights(len(x), rng) for _ in range(n_boot)]
-        self._groups = None
+        self._moments = None
         if clusters is not None and n_boot:  # per-cluster sums: a replicate costs C d^2, not N d^2
             _, inverse = np.unique(clusters, return_inverse=True)
-            xc = x - mu
             self._inverse = inverse
-            self._sums = np.zeros((inverse.max() + 1, x.shape[1]))
-            np.add.at(self._sums, inverse, xc)
-            order = np.argsort(inverse, kind="stable")
-            bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
-            self._outers = np.stack([xc[order[bounds[c]:bounds[c + 1]]].T
-                                     @ xc[order[bounds[c]:bounds[c + 1]]]
-                                     for c in range(len(bounds) - 1)])
-            self._groups = True
+            self._moments = ClusterMoments(x, inverse)
         self.reps = [self._stats(w) for w in self.weights]
-        self._outers = None  # only needed while the replicates are built
+        self._moments = None  # only needed while the replicates are built
 
     def _stats(self, w: np.ndarray):
-        if self._groups:
-            counts = np.bincount(self._inverse, weights=w) / np.bincount(self._inverse)
-            n = float(w.sum())
-            d_mu = counts @ self._sums / n  # the mean's offset from the whole set's
-            second = np.tensordot(counts, self._outers, 1) / n
-            cov = (second - np.outer(d_mu, d_mu)) * n / max(n - 1.0, 1.0)
-            mu = self.point[0] + d_mu
+        if self._moments is not None:
+            mu, cov = self._moments.stats(np.bincount(self._inverse, weights=w)
+                                          / np.bincount(self._inverse))
         else:
             mu, cov = weighted_stats(self.x, w)
         # float32 keeps a thousand replicates of a 200-d space near 300 MB

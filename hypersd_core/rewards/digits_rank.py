@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from hypersd_core.rewards import rank
 from hypersd_core.rewards.digits import load_digits_reward
 from hypersd_core.rewards.digits_train import HELDOUT_PROMPTS, blur, off_hue, teacher_images
 from hypersd_core.worlds import digits as world
@@ -54,35 +54,19 @@ def ranking_sets(num_images: int = 256, seed: int = EVAL_SEED,
     return sets
 
 
-def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
-    """Mean and percentile-bootstrap 95% interval of per-image scores."""
-    rng = np.random.default_rng(seed)
-    boots = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
-    return float(values.mean()), [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+DIGITS_REWARDS = ("digits-quality", "digits-alignment")
 
 
-@torch.no_grad()
 def ranking_table(sets: dict[str, tuple[torch.Tensor, list[str]]],
                   weights: str | Path | None = None, n_boot: int = 1000,
-                  rewards: tuple[str, ...] = ("digits-quality", "digits-alignment")) -> list[dict]:
+                  rewards: tuple[str, ...] = DIGITS_REWARDS) -> list[dict]:
     """One row per set: {"set", "n", <reward>: mean, <reward>_ci: [lo, hi]}."""
-    models = {name: load_digits_reward(name, weights) for name in rewards}
-    rows = []
-    for name, (x, prompts) in sets.items():
-        row: dict = {"set": name, "n": len(x)}
-        for rname, model in models.items():
-            scores = model.score(x, prompts).double().numpy()
-            row[rname], row[rname + "_ci"] = mean_interval(scores, n_boot)
-        rows.append(row)
-    return rows
+    return rank.ranking_table(sets, {name: load_digits_reward(name, weights) for name in rewards},
+                              n_boot)
 
 
-def markdown(rows: list[dict], rewards: tuple[str, ...] = ("digits-quality", "digits-alignment")) -> str:
-    lines = ["| set | n | " + " | ".join(rewards) + " |", "|---|---|" + "---|" * len(rewards)]
-    for r in rows:
-        cells = [f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]" for k in rewards]
-        lines.append(f"| {r['set']} | {r['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def markdown(rows: list[dict], rewards: tuple[str, ...] = DIGITS_REWARDS) -> str:
+    return rank.markdown(rows, rewards)
 
 
 def main(argv: list[str] | None = None) -> int:

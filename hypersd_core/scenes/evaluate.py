@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from hypersd_core.evaluation import distribution as dist
 from hypersd_core.paths import SCENES_EVAL
@@ -138,12 +139,35 @@ def reference(nets: EvalNets, n: int, cache: Path) -> dict:
     return out
 
 
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha1(data).hexdigest()[:10]
+
+
+def row_key(row: dict, items: list[world.Scene], guidance: float | None = None) -> str:
+    """Method, steps, the adapter file's content, the teacher's CFG and the scenes (their
+    seeds): everything that fixes a row's images."""
+    adapter = row.get("adapter")
+    if adapter is None:
+        who = "base"
+    elif Path(adapter).is_file():
+        who = _digest(Path(adapter).read_bytes())
+    else:  # a shipped adapter's name
+        who = str(adapter).replace("/", "_")
+    cfg = f"-cfg{guidance:g}" if guidance is not None and row["method"] == "teacher" else ""
+    seeds = _digest(",".join(str(s.seed) for s in items).encode())
+    return f"{row['method']}-{row['steps']}-{who}{cfg}-{seeds}-{len(items)}"
+
+
 def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
                  cache: Path, batch: int = 50, guidance: float | None = None) -> dict:
-    """Generate (or load from cache) a row's images for ``items``; return its arrays."""
-    key = row["label"].replace("/", "_").replace(" ", "").replace("@", "-") + \
-        (f"-cfg{guidance:g}" if guidance is not None and row["method"] == "teacher" else "")
-    path = cache / f"row-{key}-{len(items)}.npz"
+    """Generate (or load from cache) a row's images for ``items``; return its arrays.
+
+    The cache is keyed by what fixes the images (``row_key``), not by the row's label: a
+    label that later names another checkpoint never reads a stale row, and two tables that
+    share a row (the same adapter file) generate it once."""
+    path = cache / f"row-{row_key(row, items, guidance)}.npz"
     if path.is_file():
         return dict(np.load(path, allow_pickle=False))
     t0 = time.perf_counter()
@@ -163,7 +187,7 @@ def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
            "source": np.array([s.source for s in items]),
            "seconds": np.array(time.perf_counter() - t0)}
     np.savez(path, **out)
-    preview = cache / f"row-{key}.png"
+    preview = path.with_suffix(".png")
     _save_grid(images[:16], preview)
     return out
 
@@ -182,10 +206,73 @@ def _save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
 
 # ---------------------------------------------------------------- summaries
 
+class Replicates:
+    """The bootstrap replicates one evaluation shares across its rows: per replicate, the
+    draw count of every generator source of the evaluated scenes (every row shows the same
+    scenes, so one draw pairs any two rows) and the reference's replicate in each feature
+    space (``protocol.stats.BootstrapReference``: resampled by source, its covariance
+    square root precomputed). A row's values over the replicates are computed once, from
+    per-source sums (C d^2 per replicate, not N d^2), and reused by its summary and by
+    every paired difference it takes part in."""
+
+    def __init__(self, sources: np.ndarray, ref: dict, n_boot: int, seed: int = 0):
+        from hypersd_core.protocol.stats import BootstrapReference
+
+        self.sources = np.asarray(sources)
+        _, self.inverse = np.unique(self.sources, return_inverse=True)
+        n_clusters = int(self.inverse.max()) + 1
+        rng = np.random.default_rng(seed)
+        self.counts = np.stack([np.bincount(rng.integers(0, n_clusters, n_clusters),
+                                            minlength=n_clusters) for _ in range(n_boot)]
+                               ).astype(np.float64)  # [B, C]
+        self.weights = self.counts[:, self.inverse]  # [B, N]
+        with threadpool_limits(limits=1):
+            self.refs = {sp: BootstrapReference(ref[f"f_{sp}"], ref["source"], n_boot, seed + 1)
+                         for sp in SPACES}
+        self._rows: dict[int, tuple[dict, dict]] = {}
+
+    def values(self, arr: dict) -> dict[str, np.ndarray]:
+        """{measure: its value in every replicate [B]} of one row (accuracies in %)."""
+        from hypersd_core.protocol.stats import ClusterMoments
+
+        if id(arr) in self._rows:
+            return self._rows[id(arr)][1]
+        if not np.array_equal(np.asarray(arr["source"]), self.sources):
+            raise ValueError("a row's scenes differ from the replicates' (rows of one table "
+                             "must show the same scenes)")
+        out: dict[str, np.ndarray] = {}
+        for k in (k for k in ACC_KEYS if k in arr):
+            x = np.asarray(arr[k], dtype=np.float64)
+            ok = ~np.isnan(x)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[k] = self.weights @ np.where(ok, x, 0.0) / (self.weights @ ok) * 100
+        # one BLAS thread: these are many small (d <= 192) products, which threads slow
+        # down, many times over when the cores are shared with other jobs
+        with threadpool_limits(limits=1):
+            for sp in SPACES:
+                moments = ClusterMoments(arr[f"f_{sp}"], self.inverse)
+                ref = self.refs[sp]
+                out[f"fd_{sp}"] = np.array([ref.fd(*moments.stats(c), r)
+                                            for r, c in enumerate(self.counts)])
+        self._rows[id(arr)] = (arr, out)  # the row is kept: its id stays its own
+        return out
+
+
+_REPLICATES: dict[tuple, Replicates] = {}
+
+
+def replicates(sources: np.ndarray, ref: dict, n_boot: int, seed: int = 0) -> Replicates:
+    """The shared replicates of (these scenes, this reference, n_boot, seed)."""
+    key = (id(ref), n_boot, seed, hash(np.asarray(sources).tobytes()))
+    if key not in _REPLICATES:
+        _REPLICATES.clear()  # one evaluation at a time: a reference's replicates are large
+        _REPLICATES[key] = Replicates(sources, ref, n_boot, seed)
+        _REPLICATES[key].ref = ref  # keeps id(ref) from being reused while cached
+    return _REPLICATES[key]
+
+
 def summarize(arr: dict, ref: dict, n_boot: int = 1000, seed: int = 0) -> dict:
     """Point values and 95% cluster-bootstrap intervals of every measure of one row."""
-    rng = np.random.default_rng(seed)
-    src, ref_src = arr["source"], ref["source"]
     res: dict = {}
     for k in ACC_KEYS:
         res[k] = float(np.nanmean(arr[k]) * 100)
@@ -194,13 +281,7 @@ def summarize(arr: dict, ref: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         res[f"kid_{s}"] = dist.kid(arr[f"f_{s}"], ref[f"f_{s}"]) * 1000
     p, r = dist.precision_recall(ref["f_detector"][:2000], arr["f_detector"][:2000])
     res["precision"], res["recall"] = p * 100, r * 100
-    boots: dict[str, list] = {k: [] for k in [*ACC_KEYS, *(f"fd_{s}" for s in SPACES)]}
-    for _ in range(n_boot):
-        gi, ri = dist.cluster_draw(src, rng), dist.cluster_draw(ref_src, rng)
-        for k in ACC_KEYS:
-            boots[k].append(np.nanmean(arr[k][gi]) * 100)
-        for s in SPACES:
-            boots[f"fd_{s}"].append(dist.fd(arr[f"f_{s}"][gi], ref[f"f_{s}"][ri]))
+    boots = replicates(arr["source"], ref, n_boot, seed).values(arr)
     for k, v in boots.items():
         res[f"{k}_ci"] = dist.percentile_interval(v)
         if k.startswith("fd_"):  # resampling repeats images, which inflates FD: the spread
@@ -226,25 +307,20 @@ def floor(ref: dict, n_splits: int = 200, seed: int = 0) -> dict:
 
 def paired_difference(a: dict, b: dict, ref: dict, key: str, n_boot: int = 1000,
                       seed: int = 0, with_draws: bool = False):
-    """key(a) - key(b) with a paired cluster-bootstrap interval (same prompts, seeds);
-    ``with_draws``: also the bootstrap differences (for a p-value)."""
-    rng = np.random.default_rng(seed)
-
-    def value(arr, gi, ri):
+    """key(a) - key(b) with a paired cluster-bootstrap interval (same prompts, seeds, and
+    the same draws of sources and reference in every replicate); ``with_draws``: also the
+    bootstrap differences (for a p-value)."""
+    def point(arr):
         if key.startswith("fd_"):
-            s = key[3:]
-            return dist.fd(arr[f"f_{s}"][gi], ref[f"f_{s}"][ri])
-        return np.nanmean(arr[key][gi]) * 100
+            return dist.fd(arr[f"f_{key[3:]}"], ref[f"f_{key[3:]}"])
+        return np.nanmean(arr[key]) * 100
 
-    full, rfull = np.arange(len(a["source"])), np.arange(len(ref["source"]))
-    point = value(a, full, rfull) - value(b, full, rfull)
-    diffs = []
-    for _ in range(n_boot):
-        gi, ri = dist.cluster_draw(a["source"], rng), dist.cluster_draw(ref["source"], rng)
-        diffs.append(value(a, gi, ri) - value(b, gi, ri))
+    reps = replicates(a["source"], ref, n_boot, seed)
+    diffs = reps.values(a)[key] - reps.values(b)[key]
+    value = float(point(a) - point(b))
     if with_draws:
-        return float(point), dist.percentile_interval(diffs), np.array(diffs)
-    return float(point), dist.percentile_interval(diffs)
+        return value, dist.percentile_interval(diffs), diffs
+    return value, dist.percentile_interval(diffs)
 
 
 PAIR_KEYS = ("class_acc", "colour_acc", "size_acc", "position_acc", "all_correct",

@@ -178,3 +178,19 @@ def test_matched_adapter_picks_the_baseline_checkpoint_at_the_compared_rows_samp
     final = root / "lcm" / "final" / "pytorch_lora_weights.safetensors"
     assert matched_adapter(root, "lcm", 38400) == final and matched_adapter(root, "lcm", None) == final
     assert run_samples(tmp_path / "none") == {}
+
+
+def test_cluster_moments_give_the_statistics_of_the_materialised_replicate():
+    """A replicate's mean and covariance from per-cluster sums equal np.cov of the images
+    the replicate draws (each cluster's members repeated as often as it was drawn)."""
+    from hypersd_core.protocol.stats import ClusterMoments
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(90, 5)) + rng.normal(size=5)
+    inverse = rng.integers(0, 12, 90)
+    inverse[:12] = np.arange(12)  # every cluster has a member
+    counts = np.bincount(rng.integers(0, 12, 12), minlength=12).astype(float)
+    mu, cov = ClusterMoments(x, inverse).stats(counts)
+    drawn = np.repeat(np.arange(90), counts[inverse].astype(int))
+    np.testing.assert_allclose(mu, x[drawn].mean(0), atol=1e-10)
+    np.testing.assert_allclose(cov, np.cov(x[drawn], rowvar=False), atol=1e-10)

@@ -64,3 +64,24 @@ def test_leads_call_a_clearly_better_row_ahead_and_a_copy_level():
     assert rows[("hypersd@2", "tcd@2")]["verdict"] == "level"
     assert all(v["p_holm"] >= v["p"] for k, v in rows[("hypersd@1", "lcm@1")].items()
                if isinstance(v, dict))
+
+
+def test_a_rows_cache_key_follows_the_adapters_content_not_its_label(tmp_path):
+    """A label that later names another checkpoint must not read a stale cached row; the
+    same adapter under another path or label is the same row."""
+    from hypersd_core.scenes.evaluate import row_key
+    from hypersd_core.worlds import scenes as world
+
+    items = world.scenes("eval", 4)
+    a, b, a2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    a.write_bytes(b"first checkpoint")
+    b.write_bytes(b"second checkpoint")
+    a2.write_bytes(b"first checkpoint")
+    row = {"label": "lcm@2", "method": "lcm", "steps": 2}
+    key_a = row_key({**row, "adapter": str(a)}, items)
+    assert key_a != row_key({**row, "adapter": str(b)}, items)
+    assert key_a == row_key({**row, "label": "lcm@2/u", "adapter": str(a2)}, items)
+    assert key_a != row_key({**row, "adapter": str(a)}, world.scenes("tune", 4))
+    assert key_a != row_key({**row, "steps": 4, "adapter": str(a)}, items)
+    teacher = {"label": "teacher@4", "method": "teacher", "steps": 4, "adapter": None}
+    assert row_key(teacher, items) != row_key(teacher, items, guidance=5.0)
