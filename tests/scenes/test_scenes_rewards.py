@@ -85,3 +85,21 @@ def test_shipped_quality_ranks_clean_above_noise_blur_and_off_hue():
         bad = R.degrade(x, torch.full((64,), 0.8), torch.full((64,), kind), g)
         assert q.score(bad, "").mean() < clean - 0.2, kind
     assert q.score(torch.rand(64, 3, 64, 64, generator=g), "").mean() < 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (R.REWARDS_DIR / "quality.safetensors").is_file(),
+                    reason="the scenes rewards are not built")
+def test_shipped_rewards_rank_the_teachers_steps_and_degradations_on_held_out_scenes():
+    """On held-out ``test`` scenes: scenes-quality and scenes-alignment rank the teacher's
+    1 < 2 < 4 <= 25 steps (within 0.02) below real renders, and uniform noise, off-hue and
+    blotchy renders below the 2-step teacher (the feedback stage must not prefer them)."""
+    from hypersd_core.rewards.scenes_rank import ranking_sets, ranking_table
+
+    rows = {r["set"]: r for r in ranking_table(ranking_sets(48), n_boot=10)}
+    for name in ("scenes-quality", "scenes-alignment"):
+        v = {k: r[name] for k, r in rows.items()}
+        assert v["teacher@1"] < v["teacher@2"] < v["teacher@4"] <= v["teacher@25"] + 0.02, (name, v)
+        assert v["real renders"] > v["teacher@25"], (name, v)
+        for low in ("uniform noise", "off-hue renders", "blotchy renders"):
+            assert v[low] < v["teacher@2"], (name, low, v)
