@@ -11,16 +11,13 @@ and last sample grid; the stage times go to assets/digits/adapters/stage_times.j
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
 
 from hypersd_core.models.lora import WEIGHT_NAME
 from hypersd_core.paths import DIGITS_ADAPTERS
 from hypersd_core.training.config import load_preset
+from hypersd_core.training.export import export_adapter
 from hypersd_core.training.runs import Run
 
 PRESETS = {"lcm": "digits-lcm", "tcd": "digits-tcd", "k8": "digits-tscd-k8",
@@ -30,25 +27,6 @@ EXPORT_NAMES = {"lcm": "lcm", "tcd": "tcd", "k8": "hypersd-k8", "k4": "hypersd-k
                 "k2": "hypersd-k2", "k1": "hypersd-k1", "feedback": "hypersd-k1-feedback",
                 "dmd": "hypersd-unified"}
 PREVIOUS = {"k4": "k8", "k2": "k4", "k1": "k2", "feedback": "k1", "dmd": "k1"}
-
-
-def export_adapter(run: Run, name: str, out_root: Path = DIGITS_ADAPTERS) -> Path:
-    """Copy a finished run's adapter (fp16 weights) with its config, metrics and samples."""
-    out = out_root / name
-    tmp = out_root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = load_file(str(run.final_dir / WEIGHT_NAME))
-    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()},
-              str(tmp / WEIGHT_NAME))
-    shutil.copy(run.config_path, tmp / "config.yaml")
-    shutil.copy(run.metrics_path, tmp / "metrics.jsonl")
-    grids = sorted(run.samples_dir.glob("*.png"))
-    if grids:
-        shutil.copy(grids[-1], tmp / "samples.png")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 def build_digits_chain(stages: list[str], runs_root: str | Path = "runs/chain",
@@ -86,7 +64,7 @@ def build_digits_chain(stages: list[str], runs_root: str | Path = "runs/chain",
                                       "batch_size": cfg.batch_size, "run": str(run.dir)}
         print(f"stage {stage}: {seconds:.0f} s ({cfg.steps} steps)")
         if export:
-            export_adapter(run, EXPORT_NAMES[stage])
+            export_adapter(run, EXPORT_NAMES[stage], DIGITS_ADAPTERS)
             DIGITS_ADAPTERS.mkdir(parents=True, exist_ok=True)
             times_path.write_text(json.dumps(times, indent=1))
     return times

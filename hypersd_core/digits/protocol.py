@@ -17,14 +17,12 @@ shrinks every run uniformly (a dry run: 0.01).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from hypersd_core.protocol import runner
 from hypersd_core.protocol.runner import WEIGHTS, RunSpec
 from hypersd_core.protocol.world import World
-from hypersd_core.training.runs import Run
 
 __all__ = ["WEIGHTS", "RunSpec", "protocol_runs", "run_protocol", "pack", "ship", "WORLD"]
 LR_POINTS = ("1.0e-4", "3e-4", "1.0e-3")  # the learning-rate search, per method
@@ -91,58 +89,20 @@ def run_protocol(root: str | Path, *args, **kwargs) -> dict:
     return runner.run_protocol(root, *args, **kwargs)
 
 
-def pack(root: str | Path, out: str | Path, adapters=PACKED_ADAPTERS) -> None:
-    """A tar.gz of every run's config, metrics, status, log and last sample grid, and
-    the fp16 final adapters of ``adapters`` (small enough to carry and ship)."""
-    import io
-    import tarfile
-
-    import torch
-    from safetensors.torch import load_file, save
-    root = Path(root)
-    with tarfile.open(out, "w:gz") as tar:
-        for f in sorted(root.glob("*.json")) + sorted(root.glob("*.log")):
-            tar.add(f, f.name)
-        for run in sorted(p for p in root.iterdir() if p.is_dir()):
-            for name in ("config.yaml", "metrics.jsonl", "status.json"):
-                if (run / name).is_file():
-                    tar.add(run / name, f"{run.name}/{name}")
-            grids = sorted((run / "samples").glob("*.png"))
-            if grids:
-                tar.add(grids[-1], f"{run.name}/samples.png")
-            weights = run / WEIGHTS
-            if run.name in adapters and weights.is_file():
-                data = save({k: v.to(torch.float16).contiguous()
-                             for k, v in load_file(str(weights)).items()})
-                info = tarfile.TarInfo(f"{run.name}/pytorch_lora_weights.safetensors")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 SHIPPED = ("k8", "k4", "k2", "k1", "feedback", "dmd", "lcm", "tcd")
 
 
+def pack(root: str | Path, out: str | Path, adapters=PACKED_ADAPTERS) -> None:
+    runner.pack_root(root, out, adapters)
+
+
 def ship(root: str | Path, out_root: Path | None = None) -> dict:
-    """Export the main runs' final adapters (fp16, with config, metrics.jsonl and last
-    sample grid) as the digits world's shipped adapters, and their budgets and seconds
-    to stage_times.json. Every main run must be done: a partial chain is not shipped."""
-    from hypersd_core.digits.chain import EXPORT_NAMES, export_adapter
+    """The main runs' final adapters as the digits world's shipped adapters."""
+    from hypersd_core.digits.chain import EXPORT_NAMES
     from hypersd_core.paths import DIGITS_ADAPTERS
 
-    root, out_root = Path(root), out_root or DIGITS_ADAPTERS
-    record = json.loads((root / "protocol.json").read_text())
-    missing = [n for n in SHIPPED if record["runs"].get(n, {}).get("state") != "done"]
-    if missing:
-        raise SystemExit(f"runs {missing} are not done under {root}; nothing shipped")
-    times = {}
-    for name in SHIPPED:
-        r = record["runs"][name]
-        export_adapter(Run(root / name), EXPORT_NAMES[name], out_root)
-        times[EXPORT_NAMES[name]] = {"seconds": r["seconds"], "steps": r["steps"],
-                                     "batch_size": r["batch_size"], "samples": r["samples"],
-                                     "parent": r["parent"], "run": str(root / name)}
-    (out_root / "stage_times.json").write_text(json.dumps(times, indent=1))
-    return times
+    return runner.ship_runs(root, {n: EXPORT_NAMES[n] for n in SHIPPED},
+                            out_root or DIGITS_ADAPTERS)
 
 
 WORLD = World(name="digits", runs=protocol_runs, shipped=SHIPPED,

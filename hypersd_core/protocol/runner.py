@@ -251,3 +251,55 @@ def matched_adapter(root: Path, run: str, samples: int | None) -> Path:
         if int(ck.name.split("-")[1]) * rec["batch_size"] * rec.get("grad_accum", 1) >= samples:
             return ck / "lora.safetensors"
     return final
+
+
+def ship_runs(root: str | Path, names: dict[str, str], out_root: Path) -> dict:
+    """Export the runs ``names`` (run -> adapter name) of a finished root as a world's
+    shipped adapters (fp16, with config, metrics.jsonl and last sample grid), and their
+    budgets and seconds to ``out_root/stage_times.json``. Every one must be done: a
+    partial chain is not shipped."""
+    from hypersd_core.training.export import export_adapter
+
+    root, out_root = Path(root), Path(out_root)
+    record = json.loads((root / "protocol.json").read_text())
+    missing = [n for n in names if record["runs"].get(n, {}).get("state") != "done"]
+    if missing:
+        raise SystemExit(f"runs {missing} are not done under {root}; nothing shipped")
+    times = {}
+    for name, export in names.items():
+        r = record["runs"][name]
+        export_adapter(Run(root / name), export, out_root)
+        times[export] = {"seconds": r["seconds"], "steps": r["steps"],
+                         "batch_size": r["batch_size"], "samples": r["samples"],
+                         "parent": r["parent"], "run": str(root / name)}
+    (out_root / "stage_times.json").write_text(json.dumps(times, indent=1))
+    return times
+
+
+def pack_root(root: str | Path, out: str | Path, adapters) -> None:
+    """A tar.gz of every run's config, metrics, status, log and last sample grid, and
+    the fp16 final adapters of ``adapters`` (small enough to carry and ship)."""
+    import io
+    import tarfile
+
+    import torch
+    from safetensors.torch import load_file, save
+
+    root = Path(root)
+    with tarfile.open(out, "w:gz") as tar:
+        for f in sorted(root.glob("*.json")) + sorted(root.glob("*.log")):
+            tar.add(f, f.name)
+        for run in sorted(p for p in root.iterdir() if p.is_dir()):
+            for name in ("config.yaml", "metrics.jsonl", "status.json"):
+                if (run / name).is_file():
+                    tar.add(run / name, f"{run.name}/{name}")
+            grids = sorted((run / "samples").glob("*.png"))
+            if grids:
+                tar.add(grids[-1], f"{run.name}/samples.png")
+            weights = run / WEIGHTS
+            if run.name in adapters and weights.is_file():
+                data = save({k: v.to(torch.float16).contiguous()
+                             for k, v in load_file(str(weights)).items()})
+                info = tarfile.TarInfo(f"{run.name}/pytorch_lora_weights.safetensors")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

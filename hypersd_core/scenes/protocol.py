@@ -192,9 +192,24 @@ def report_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-WORLD = World(name="scenes", runs=protocol_runs, shipped=(),
+SHIPPED = {"k8": "hypersd-k8", "k4": "hypersd-k4", "k2": "hypersd-k2", "k1": "hypersd-k1",
+           "dmd": "hypersd-unified", "lcm": "lcm", "tcd": "tcd"}
+
+
+def ship(root: str | Path, out_root: Path | None = None) -> dict:
+    """The main runs' final adapters as the scenes world's shipped adapters."""
+    from hypersd_core.paths import SCENES_ADAPTERS
+
+    return runner.ship_runs(root, SHIPPED, out_root or SCENES_ADAPTERS)
+
+
+def pack(root: str | Path, out: str | Path) -> None:
+    runner.pack_root(root, out, tuple(SHIPPED))
+
+
+WORLD = World(name="scenes", runs=protocol_runs, shipped=tuple(SHIPPED),
               eval_main="hypersd_core.scenes.protocol:eval_main",
-              report_main="hypersd_core.scenes.protocol:report_main")
+              report_main="hypersd_core.scenes.protocol:report_main", ship=ship, pack=pack)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from hypersd_core.models.lora import WEIGHT_NAME, export_kohya
 from hypersd_core.training.runs import Run
 
@@ -88,3 +91,22 @@ def export_run(run: Run, out_dir: str | Path, samples: bool = True) -> list[Path
                 z.write(g, g.name)
         files.append(archive)
     return files
+
+
+def export_adapter(run: Run, name: str, out_root: Path) -> Path:
+    """Copy a finished run's adapter (fp16 weights) with its config, metrics and samples."""
+    out = out_root / name
+    tmp = out_root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = load_file(str(run.final_dir / WEIGHT_NAME))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()},
+              str(tmp / WEIGHT_NAME))
+    shutil.copy(run.config_path, tmp / "config.yaml")
+    shutil.copy(run.metrics_path, tmp / "metrics.jsonl")
+    grids = sorted(run.samples_dir.glob("*.png"))
+    if grids:
+        shutil.copy(grids[-1], tmp / "samples.png")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -85,3 +85,13 @@ def test_a_rows_cache_key_follows_the_adapters_content_not_its_label(tmp_path):
     assert key_a != row_key({**row, "steps": 4, "adapter": str(a)}, items)
     teacher = {"label": "teacher@4", "method": "teacher", "steps": 4, "adapter": None}
     assert row_key(teacher, items) != row_key(teacher, items, guidance=5.0)
+
+
+def test_shipped_scenes_adapters_carry_the_names_the_samplers_recipes_load():
+    from hypersd_core.models.sampling import RECIPES, TSCD_STAGES
+    from hypersd_core.scenes.protocol import SHIPPED, WORLD
+
+    wanted = {RECIPES["lcm"].adapter, RECIPES["tcd"].adapter, RECIPES["hypersd-unified"].adapter,
+              *(RECIPES["hypersd"].adapter.format(k=k) for k in TSCD_STAGES)}
+    assert set(SHIPPED.values()) == wanted
+    assert WORLD.ship is not None and set(WORLD.shipped) == set(SHIPPED)
