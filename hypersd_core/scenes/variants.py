@@ -38,13 +38,13 @@ def _render(args):
     return world.render_many(items), [s.prompt for s in items]
 
 
-def prepare(cache: Path, n: int):
+def prepare(cache: Path, n: int, workers: int = 14):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from hypersd_core.scenes.build import tokenize
     t0 = time.time()
-    with Pool(14) as pool:
+    with Pool(workers) as pool:
         parts = pool.map(_render, [(s, min(1000, n - s)) for s in range(0, n, 1000)])
     images = torch.cat([p[0] for p in parts])
     prompts = [q for p in parts for q in p[1]]
@@ -63,33 +63,59 @@ def prepare(cache: Path, n: int):
 
 
 VARIANTS = {
-    # name: (unet_config changes, batch)
+    # name: (unet_config changes, batch[, loss options])
     "base": ({}, 32),
     "xattn16": ({"down_block_types": ("CrossAttnDownBlock2D",) * 3,
                  "up_block_types": ("CrossAttnUpBlock2D",) * 3}, 32),
     "b128": ({}, 128),
+    # the layout of a sample is fixed between t ~ 999 and t ~ 800, where the epsilon loss
+    # barely depends on the image (its x0 error is weighted by SNR(t) < 0.05): half the
+    # batch drawn from t in [700, 999], each sample's loss weighted by min(max(1/SNR, 1),
+    # w_max) (normalised over the batch), so the text's layout is learnt where it decides
+    "hinoise": ({}, 32, {"t_high": 0.5, "t_from": 700, "w_max": 20.0}),
 }
 
 
-def train(cache: Path, variant: str, seconds: float, out: Path, snap_steps: int):
+def loss_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, w_max: float) -> torch.Tensor:
+    """Per-sample weights of the epsilon MSE: min(max(1 / SNR(t), 1), w_max)."""
+    ac = alphas_cumprod[t]
+    return ((1 - ac) / ac).clamp(min=1.0, max=w_max)
+
+
+def sample_t(batch: int, t_high: float, t_from: int, device, generator=None) -> torch.Tensor:
+    """Timesteps: a ``t_high`` share from [t_from, 999], the rest from [0, 999]."""
+    t = torch.randint(0, 1000, (batch,), device=device, generator=generator)
+    high = torch.randint(t_from, 1000, (batch,), device=device, generator=generator)
+    pick = torch.rand(batch, device=device, generator=generator) < t_high
+    return torch.where(pick, high, t)
+
+
+def train(cache: Path, variant: str, seconds: float, out: Path, snap_steps: int,
+          init: str | None = None, lr: float | None = None):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import save_file
 
     from hypersd_core.digits.build import scheduler_config
     from hypersd_core.scenes.build import SceneBuildConfig, unet_config
     cfg = SceneBuildConfig()
-    changes, batch = VARIANTS[variant]
+    changes, batch, *rest = VARIANTS[variant]
+    opts = rest[0] if rest else {}
     conf = {**unet_config(cfg), **changes}
+    base_lr = lr or cfg.unet_lr
     c = torch.load(cache, weights_only=True)
     latents, embeds, uncond = c["latents"].to(DEV), c["embeds"].to(DEV), c["uncond"].to(DEV)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**conf).to(DEV)
+    if init:  # fine-tune a trained UNet (e.g. the shipped teacher's) instead of a fresh one
+        unet = UNet2DConditionModel.from_pretrained(init, torch_dtype=torch.float32).to(DEV)
+        conf = dict(unet.config)
+    else:
+        unet = UNet2DConditionModel(**conf).to(DEV)
     ema = copy.deepcopy(unet).requires_grad_(False)
     ns = DDPMScheduler(**{k: v for k, v in scheduler_config().items()
                           if k in ("num_train_timesteps", "beta_start", "beta_end",
                                    "beta_schedule", "prediction_type")})
     ns.alphas_cumprod = ns.alphas_cumprod.to(DEV)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(unet.parameters(), lr=base_lr, weight_decay=1e-4)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     step, last_snap, logs = 0, t0, []
@@ -99,6 +125,7 @@ def train(cache: Path, variant: str, seconds: float, out: Path, snap_steps: int)
         save_file(sd, str(out / f"{variant}-{tag}.safetensors"))
         (out / f"{variant}.json").write_text(json.dumps(
             {"variant": variant, "config": conf, "batch": batch, "steps": step,
+             "init": init, "lr": base_lr, "options": opts,
              "seconds": time.time() - t0, "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
              "loss": logs[-50:]}, default=list))
         print(f"snapshot {tag} at step {step}", flush=True)
@@ -107,19 +134,22 @@ def train(cache: Path, variant: str, seconds: float, out: Path, snap_steps: int)
         frac = (time.time() - t0) / seconds
         if frac >= 1:
             break
-        lr = cfg.unet_lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
+        lr_now = base_lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * frac))
         for gr in opt.param_groups:
-            gr["lr"] = lr
+            gr["lr"] = lr_now
         idx = torch.randint(0, len(latents), (batch,), device=DEV)
         z0 = latents[idx]
         noise = torch.randn_like(z0)
-        t = torch.randint(0, 1000, (batch,), device=DEV)
+        t = sample_t(batch, opts.get("t_high", 0.0), opts.get("t_from", 0), DEV)
         cond = embeds[idx].float()
         drop = torch.rand(batch, device=DEV) < cfg.cfg_dropout
         cond = torch.where(drop[:, None, None], uncond.expand_as(cond), cond)
         with torch.autocast(DEV, dtype=torch.bfloat16):
             pred = unet(ns.add_noise(z0, noise, t), t, cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        per = F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3))
+        w = loss_weights(t, ns.alphas_cumprod, opts["w_max"]) if "w_max" in opts \
+            else torch.ones_like(per)
+        loss = (w * per).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -150,8 +180,11 @@ if __name__ == "__main__":
     p.add_argument("--cache", default="/tmp/scenes_cache.pt")
     p.add_argument("--out", default="out/scenes-variants")
     p.add_argument("--snap-steps", type=int, default=6000)
+    p.add_argument("--init", help="a UNet folder to fine-tune (default: a fresh UNet)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the build's)")
+    p.add_argument("--workers", type=int, default=14, help="rendering processes (--prepare)")
     a = p.parse_args()
     if a.prepare:
-        prepare(Path(a.cache), a.n)
+        prepare(Path(a.cache), a.n, a.workers)
     else:
-        train(Path(a.cache), a.variant, a.seconds, Path(a.out), a.snap_steps)
+        train(Path(a.cache), a.variant, a.seconds, Path(a.out), a.snap_steps, a.init, a.lr)
