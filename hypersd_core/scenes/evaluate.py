@@ -117,8 +117,19 @@ def parse_row(spec: str) -> dict:
         raise ValueError(f"a row is METHOD:STEPS[:ADAPTER] with STEPS >= 1, got {spec!r}")
     return {"method": parts[0], "steps": int(parts[1]),
             "adapter": parts[2] if len(parts) == 3 else None,
-            "label": f"{parts[0]}@{parts[1]}" + (f" ({Path(parts[2]).name})" if len(parts) == 3
-                                                 else "")}
+            "label": f"{parts[0]}@{parts[1]}" + (f" ({_adapter_name(parts[2])})"
+                                                 if len(parts) == 3 else "")}
+
+
+def _adapter_name(path: str) -> str:
+    """A row label's adapter: the run's folder for RUN/final/pytorch_lora_weights.safetensors
+    or RUN/checkpoints/step-N/lora.safetensors, else the file or folder name."""
+    p = Path(path)
+    if p.parent.name == "final":
+        return p.parent.parent.name
+    if p.parent.parent.name == "checkpoints":
+        return f"{p.parent.parent.parent.name} {p.parent.name}"
+    return p.name
 
 
 def _images_tensor(pil_images) -> torch.Tensor:
