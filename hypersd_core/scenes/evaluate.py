@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -146,8 +147,16 @@ def reference(nets: EvalNets, n: int, cache: Path) -> dict:
     read = nets.read(world.to_model(world.render_many(items)))
     out = {f"f_{s}": read[f"f_{s}"] for s in SPACES}
     out["source"] = np.array([s.source for s in items])
-    np.savez(path, **out)
+    _save_npz(path, out)
     return out
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    """Write a cache file whole or not at all: a stopped evaluation leaves no half-written
+    file for the next one to read."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _digest(data: bytes) -> str:
@@ -197,7 +206,7 @@ def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
     out = {**{k: v for k, v in read.items()}, **score_images(items, read),
            "source": np.array([s.source for s in items]),
            "seconds": np.array(time.perf_counter() - t0)}
-    np.savez(path, **out)
+    _save_npz(path, out)
     preview = path.with_suffix(".png")
     _save_grid(images[:16], preview)
     return out
