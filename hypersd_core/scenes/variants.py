@@ -84,9 +84,11 @@ def loss_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, w_max: float) ->
 
 def sample_t(batch: int, t_high: float, t_from: int, device, generator=None) -> torch.Tensor:
     """Timesteps: a ``t_high`` share from [t_from, 999], the rest from [0, 999]."""
-    t = torch.randint(0, 1000, (batch,), device=device, generator=generator)
-    high = torch.randint(t_from, 1000, (batch,), device=device, generator=generator)
-    pick = torch.rand(batch, device=device, generator=generator) < t_high
+    from hypersd_core.distill.schedule import draw
+
+    t = draw(torch.randint, 0, 1000, (batch,), generator=generator, device=device)
+    high = draw(torch.randint, t_from, 1000, (batch,), generator=generator, device=device)
+    pick = draw(torch.rand, batch, generator=generator, device=device) < t_high
     return torch.where(pick, high, t)
 
 
