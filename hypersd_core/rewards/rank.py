@@ -38,3 +38,30 @@ def markdown(rows: list[dict], rewards: tuple[str, ...]) -> str:
         cells = [f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]" for k in rewards]
         lines.append(f"| {r['set']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cli(argv, prog: str, description: str, run, rewards: tuple[str, ...], where: str = "") -> int:
+    """The ranking tables' command line: --num-images, --weights, --n-boot, --out.
+    ``run(num_images, weights, n_boot)`` returns the rows."""
+    import argparse
+    import json
+    import time
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--num-images", type=int, default=256, help="images per set")
+    p.add_argument("--weights", help="a rewards folder (default: the shipped one)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--out", help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.num_images < 2 or args.n_boot < 1:
+        raise SystemExit("--num-images must be >= 2 and --n-boot >= 1")
+    t0 = time.perf_counter()
+    rows = run(args.num_images, args.weights, args.n_boot)
+    print(markdown(rows, rewards))
+    print(f"{args.num_images} images per set{where}, {args.n_boot} bootstrap replicates, "
+          f"{time.perf_counter() - t0:.0f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0

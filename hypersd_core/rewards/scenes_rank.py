@@ -13,10 +13,7 @@ or cyan); blurred renders; blotchy renders (low-frequency colour blobs mixed in,
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -73,24 +70,9 @@ def ranking_table(sets, weights: str | Path | None = None, n_boot: int = 1000,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hypersd_core.rewards.scenes_rank",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-images", type=int, default=256, help="images per set")
-    p.add_argument("--weights", help="a scenes rewards folder (default: the shipped one)")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--out", help="also write the rows as JSON here")
-    args = p.parse_args(argv)
-    if args.num_images < 2 or args.n_boot < 1:
-        raise SystemExit("--num-images must be >= 2 and --n-boot >= 1")
-    t0 = time.perf_counter()
-    rows = ranking_table(ranking_sets(args.num_images), args.weights, args.n_boot)
-    print(rank.markdown(rows, SCENES_REWARDS))
-    print(f"{args.num_images} images per set ({SPLIT} split), {args.n_boot} bootstrap "
-          f"replicates, {time.perf_counter() - t0:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
-    return 0
+    return rank.cli(argv, "python -m hypersd_core.rewards.scenes_rank", __doc__.split("\n\n")[0],
+                    lambda n, weights, n_boot: ranking_table(ranking_sets(n), weights, n_boot),
+                    SCENES_REWARDS, where=f" ({SPLIT} split)")
 
 
 if __name__ == "__main__":
