@@ -31,6 +31,36 @@ def cmd_prompts(args) -> int:
     raise ValueError(f"--model must be 'digits' or 'scenes', got {args.model!r}")
 
 
+def config_overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs for ``SceneBuildConfig``, each value read as its field's type
+    (tuples as comma-separated integers)."""
+    from dataclasses import fields
+
+    from hypersd_core.scenes.build import SceneBuildConfig
+
+    types = {f.name: f.default for f in fields(SceneBuildConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--set wants KEY=VALUE with KEY one of {sorted(types)}, "
+                             f"got {pair!r}")
+        default = types[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                out[key] = tuple(int(v) for v in value.split(","))
+            else:
+                out[key] = type(default)(value)
+        except ValueError:
+            raise ValueError(f"--set {key}: cannot read {value!r} as "
+                             f"{type(default).__name__}") from None
+    return out
+
+
 def cmd_build_scenes(args) -> int:
     import torch
 
@@ -42,7 +72,7 @@ def cmd_build_scenes(args) -> int:
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         raise ValueError(f"unknown phases {unknown}; choose from {list(PHASES)}")
-    cfg = SceneBuildConfig(**(TINY if args.tiny else {}))
+    cfg = SceneBuildConfig(**(TINY if args.tiny else {}), **config_overrides(args.set or []))
     t0 = time.perf_counter()
     kw = {"out_dir": args.out} if args.out else {}
     summary = build(work=args.work, cfg=cfg, phases=phases, **kw)
@@ -66,4 +96,7 @@ def add_commands(sub) -> None:
     p.add_argument("--phases", default="data,vae,text_encoder,unet,pipeline,eval")
     p.add_argument("--tiny", action="store_true", help="a tiny build in seconds (tests)")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change a field of the build's configuration (repeatable), e.g. "
+                        "--set unet_word_drop=0.5")
     p.set_defaults(fn=cmd_build_scenes)

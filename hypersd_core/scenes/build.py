@@ -54,6 +54,11 @@ class SceneBuildConfig:
     # fetch "what goes on my side" by position (LAYOUT_HALVES). It has not yet taught the
     # teacher the relations (docs/scenes.md, criterion (a))
     text_layout: bool = True
+    # the share of UNet training captions whose word states are hidden (replaced by the
+    # start token's state), leaving the states from the caption's end on: the text encoder
+    # is causal, so only those know the whole caption (the first object's words cannot
+    # know the relation after them); the UNet must learn to read the layout there
+    unet_word_drop: float = 0.0
     unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -101,11 +106,13 @@ def text_config(cfg: SceneBuildConfig, vocab_size: int, bos: int, eos: int) -> d
 
 
 def unet_config(cfg: SceneBuildConfig) -> dict:
+    """One plain level at 16x16, cross-attention below it (one level per channel entry)."""
+    deep = len(cfg.unet_channels) - 1
     return dict(
         sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=tuple(cfg.unet_channels), norm_num_groups=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * deep,
+        up_block_types=("CrossAttnUpBlock2D",) * deep + ("UpBlock2D",),
         cross_attention_dim=cfg.text_hidden, attention_head_dim=16,
     )
 
@@ -306,6 +313,23 @@ def train_text_encoder(work: Path, tokenizer, cfg: SceneBuildConfig):
     return text_encoder.eval().requires_grad_(False)
 
 
+def caption_ends(n: int, split: str = "train", start: int = 0) -> torch.Tensor:
+    """Where each of the first ``n`` captions of ``split`` ends (its end token's position:
+    the tokenizer spells every word as one token, plus the start token)."""
+    return torch.tensor([len(s.prompt.split()) + 1 for s in world.scenes(split, n, start)])
+
+
+def hide_words(cond: torch.Tensor, ends: torch.Tensor, p: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """For a share ``p`` of the batch, replace the states of the caption's words (positions
+    1 .. end - 1) by the start token's state (the same for every caption), keeping the
+    states from the end token on."""
+    pick = torch.rand(len(cond), generator=generator, device="cpu").to(cond.device) < p
+    pos = torch.arange(cond.shape[1], device=cond.device)
+    words = (pos[None, :] >= 1) & (pos[None, :] < ends[:, None]) & pick[:, None]
+    return torch.where(words[..., None], cond[:, :1].expand_as(cond), cond)
+
+
 def train_unet(work: Path, latents, embeds, uncond, cfg: SceneBuildConfig):
     """Epsilon-prediction UNet on cached latents, CFG dropout, EMA weights."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -318,12 +342,16 @@ def train_unet(work: Path, latents, embeds, uncond, cfg: SceneBuildConfig):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-4)
     sched = _warmup_cosine(opt, cfg.unet_steps, warm=200)
 
+    ends = caption_ends(len(latents)) if cfg.unet_word_drop > 0 else None
+
     def step(_, g):
         idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (len(idx),), generator=g)
         cond = embeds[idx].float()
+        if ends is not None:
+            cond = hide_words(cond, ends[idx], cfg.unet_word_drop, g)
         drop = torch.rand(len(idx), generator=g) < cfg.cfg_dropout
         cond = torch.where(drop[:, None, None], uncond.expand_as(cond), cond)
         loss = F.mse_loss(unet(noise_sched.add_noise(z0, noise, t), t, cond).sample, noise)

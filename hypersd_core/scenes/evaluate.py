@@ -168,9 +168,25 @@ def _digest(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()[:10]
 
 
-def row_key(row: dict, items: list[world.Scene], guidance: float | None = None) -> str:
-    """Method, steps, the adapter file's content, the teacher's CFG and the scenes (their
-    seeds): everything that fixes a row's images."""
+def model_digest(pipe) -> str:
+    """A digest of the weights that draw a row (UNet and text encoder): a rebuilt teacher
+    never reads the previous teacher's cached rows."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for part in (pipe.unet, pipe.text_encoder):
+        for name, t in sorted(part.state_dict().items()):
+            if "lora" in name:  # adapters are keyed by their own file
+                continue
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def row_key(row: dict, items: list[world.Scene], guidance: float | None = None,
+            model: str = "") -> str:
+    """Method, steps, the model's weights (``model_digest``), the adapter file's content,
+    the teacher's CFG and the scenes (their seeds): everything that fixes a row's images."""
     adapter = row.get("adapter")
     if adapter is None:
         who = "base"
@@ -180,7 +196,8 @@ def row_key(row: dict, items: list[world.Scene], guidance: float | None = None) 
         who = str(adapter).replace("/", "_")
     cfg = f"-cfg{guidance:g}" if guidance is not None and row["method"] == "teacher" else ""
     seeds = _digest(",".join(str(s.seed) for s in items).encode())
-    return f"{row['method']}-{row['steps']}-{who}{cfg}-{seeds}-{len(items)}"
+    base = f"{model}-" if model else ""
+    return f"{row['method']}-{row['steps']}-{base}{who}{cfg}-{seeds}-{len(items)}"
 
 
 def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
@@ -190,7 +207,12 @@ def generate_row(sampler, nets: EvalNets, row: dict, items: list[world.Scene],
     The cache is keyed by what fixes the images (``row_key``), not by the row's label: a
     label that later names another checkpoint never reads a stale row, and two tables that
     share a row (the same adapter file) generate it once."""
-    path = cache / f"row-{row_key(row, items, guidance)}.npz"
+    model = ""
+    if sampler is not None:
+        if getattr(sampler, "model_digest", None) is None:
+            sampler.model_digest = model_digest(sampler.backbone.pipe)
+        model = sampler.model_digest
+    path = cache / f"row-{row_key(row, items, guidance, model)}.npz"
     if path.is_file():
         return dict(np.load(path, allow_pickle=False))
     t0 = time.perf_counter()

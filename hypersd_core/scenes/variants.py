@@ -73,6 +73,11 @@ VARIANTS = {
     # batch drawn from t in [700, 999], each sample's loss weighted by min(max(1/SNR, 1),
     # w_max) (normalised over the batch), so the text's layout is learnt where it decides
     "hinoise": ({}, 32, {"t_high": 0.5, "t_from": 700, "w_max": 20.0}),
+    # the text encoder is causal: the first object's word states cannot know the relation
+    # that follows them, only the states from the caption's end on do; hiding the words
+    # (their states replaced by the start token's) for half the batch makes the UNet
+    # learn to read the layout from the end states
+    "words": ({}, 32, {"word_drop": 0.5}),
 }
 
 
@@ -106,6 +111,8 @@ def train(cache: Path, variant: str, seconds: float, out: Path, snap_steps: int,
     base_lr = lr or cfg.unet_lr
     c = torch.load(cache, weights_only=True)
     latents, embeds, uncond = c["latents"].to(DEV), c["embeds"].to(DEV), c["uncond"].to(DEV)
+    from hypersd_core.scenes.build import caption_ends, hide_words
+    ends = caption_ends(len(latents)).to(DEV)
     torch.manual_seed(0)
     if init:  # fine-tune a trained UNet (e.g. the shipped teacher's) instead of a fresh one
         unet = UNet2DConditionModel.from_pretrained(init, torch_dtype=torch.float32).to(DEV)
@@ -144,6 +151,8 @@ def train(cache: Path, variant: str, seconds: float, out: Path, snap_steps: int,
         noise = torch.randn_like(z0)
         t = sample_t(batch, opts.get("t_high", 0.0), opts.get("t_from", 0), DEV)
         cond = embeds[idx].float()
+        if opts.get("word_drop"):
+            cond = hide_words(cond, ends[idx], opts["word_drop"])
         drop = torch.rand(batch, device=DEV) < cfg.cfg_dropout
         cond = torch.where(drop[:, None, None], uncond.expand_as(cond), cond)
         with torch.autocast(DEV, dtype=torch.bfloat16):

@@ -110,3 +110,42 @@ def test_prompts_cli_gives_ground_truth_for_both_worlds():
     bad = subprocess.run([sys.executable, "-m", "hypersd_core", "prompts", "--n", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr
+
+
+def test_hidden_words_leave_only_the_states_that_saw_the_whole_caption():
+    """The text encoder is causal: the first object's word states are the same whatever
+    relation follows; hiding the words must keep exactly the states from the end token on."""
+    from transformers import CLIPTokenizer
+
+    from hypersd_core.paths import SCENES_DIR
+    from hypersd_core.scenes.build import caption_ends, hide_words, tokenize
+    from hypersd_core.worlds import scenes as world
+
+    tok = CLIPTokenizer.from_pretrained(SCENES_DIR / "pipeline" / "tokenizer")
+    items = world.scenes("train", 64)
+    ids = tokenize(tok, [s.prompt for s in items])
+    ends = caption_ends(64)
+    assert torch.equal((ids == ids[0, -1]).int().argmax(1), ends)  # the end token's place
+    cond = torch.randn(64, ids.shape[1], 8)
+    g = torch.Generator().manual_seed(0)
+    out = hide_words(cond, ends, 0.5, g)
+    hidden = [i for i in range(64) if not torch.equal(out[i], cond[i])]
+    assert 16 < len(hidden) < 48
+    for i in hidden:
+        e = int(ends[i])
+        assert torch.equal(out[i, 1:e], cond[i, :1].expand(e - 1, 8))  # words: the start state
+        assert torch.equal(out[i, e:], cond[i, e:]) and torch.equal(out[i, 0], cond[i, 0])
+    assert torch.equal(hide_words(cond, ends, 0.0), cond)
+
+
+def test_build_configuration_overrides_are_typed_and_refuse_unknown_keys():
+    from hypersd_core.cli_worlds import config_overrides
+
+    assert config_overrides(["unet_word_drop=0.5", "unet_channels=48,96,96",
+                             "text_layout=false", "unet_steps=10"]) == {
+        "unet_word_drop": 0.5, "unet_channels": (48, 96, 96), "text_layout": False,
+        "unet_steps": 10}
+    with pytest.raises(ValueError, match="KEY one of"):
+        config_overrides(["unet_word_dropp=0.5"])
+    with pytest.raises(ValueError, match="cannot read 'x' as int"):
+        config_overrides(["unet_steps=x"])

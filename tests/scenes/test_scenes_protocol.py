@@ -85,6 +85,8 @@ def test_a_rows_cache_key_follows_the_adapters_content_not_its_label(tmp_path):
     assert key_a != row_key({**row, "steps": 4, "adapter": str(a)}, items)
     teacher = {"label": "teacher@4", "method": "teacher", "steps": 4, "adapter": None}
     assert row_key(teacher, items) != row_key(teacher, items, guidance=5.0)
+    # a rebuilt teacher (other weights) never reads the previous teacher's rows
+    assert row_key(teacher, items, model="aaaa") != row_key(teacher, items, model="bbbb")
 
 
 def test_shipped_scenes_adapters_carry_the_names_the_samplers_recipes_load():
