@@ -42,7 +42,7 @@ def prepare(cache: Path, n: int, workers: int = 14):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from hypersd_core.scenes.build import tokenize
+    from hypersd_core.scenes.captions import tokenize
     t0 = time.time()
     with Pool(workers) as pool:
         parts = pool.map(_render, [(s, min(1000, n - s)) for s in range(0, n, 1000)])
@@ -111,8 +111,8 @@ def train(cache: Path, variant: str, seconds: float, out: Path, snap_steps: int,
     base_lr = lr or cfg.unet_lr
     c = torch.load(cache, weights_only=True)
     latents, embeds, uncond = c["latents"].to(DEV), c["embeds"].to(DEV), c["uncond"].to(DEV)
-    from hypersd_core.scenes.build import caption_ends, hide_words
-    ends = caption_ends(len(latents)).to(DEV)
+    from hypersd_core.scenes.captions import caption_ends, hide_words
+    ends = caption_ends(len(latents)).to(DEV) if opts.get("word_drop") else None
     torch.manual_seed(0)
     if init:  # fine-tune a trained UNet (e.g. the shipped teacher's) instead of a fresh one
         unet = UNet2DConditionModel.from_pretrained(init, torch_dtype=torch.float32).to(DEV)

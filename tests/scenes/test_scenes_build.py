@@ -118,7 +118,7 @@ def test_hidden_words_leave_only_the_states_that_saw_the_whole_caption():
     from transformers import CLIPTokenizer
 
     from hypersd_core.paths import SCENES_DIR
-    from hypersd_core.scenes.build import caption_ends, hide_words, tokenize
+    from hypersd_core.scenes.captions import caption_ends, hide_words, tokenize
     from hypersd_core.worlds import scenes as world
 
     tok = CLIPTokenizer.from_pretrained(SCENES_DIR / "pipeline" / "tokenizer")

@@ -145,7 +145,7 @@ def test_every_word_of_the_grammar_is_one_token(tmp_path):
 
 
 def test_layout_slots_put_each_related_object_in_its_half():
-    from hypersd_core.scenes.build import LAYOUT_HALVES, layout_loss, layout_slots
+    from hypersd_core.scenes.captions import LAYOUT_HALVES, layout_loss, layout_slots
 
     a = W.SceneObject("star", "red", "small", (0, 0))
     b = W.SceneObject("circle", "blue", "large", (1, 1))
