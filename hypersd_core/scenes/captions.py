@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hypersd_core.distill.schedule import draw
 from hypersd_core.worlds import scenes as world
 
 
@@ -81,7 +82,7 @@ def hide_words(cond: torch.Tensor, ends: torch.Tensor, p: float,
     """For a share ``p`` of the batch, replace the states of the caption's words (positions
     1 .. end - 1) by the start token's state (the same for every caption), keeping the
     states from the end token on."""
-    pick = torch.rand(len(cond), generator=generator, device="cpu").to(cond.device) < p
+    pick = draw(torch.rand, len(cond), generator=generator, device=cond.device) < p
     pos = torch.arange(cond.shape[1], device=cond.device)
     words = (pos[None, :] >= 1) & (pos[None, :] < ends[:, None]) & pick[:, None]
     return torch.where(words[..., None], cond[:, :1].expand_as(cond), cond)
