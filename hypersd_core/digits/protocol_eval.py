@@ -74,18 +74,14 @@ def row_specs(root: Path) -> list[dict]:
                 for eta in (0.0, 0.3, 1.0):  # the unified recipe's candidates that win
                     add(f"{run}-unified@{n}/eta{eta}", seeds, "hypersd-unified", n, run, eta,
                         save=seeds == "eval")
-    # learning-rate search: 600 steps each (the preset's own point: the main run at step 600)
-    from hypersd_core.digits.protocol import LR_POINTS, PRESET_LR
+    # learning-rate search: 600 steps at every point, the presets' own included
+    from hypersd_core.digits.protocol import LR_POINTS
 
     for lr in LR_POINTS:
         for name in ("lcm", "tcd"):
             for n in STEPS:
-                file = (root / name / "checkpoints" / "step-0000600" / "lora.safetensors"
-                        if lr == PRESET_LR[name] else None)
-                add(f"{name}-lr{lr}@{n}", "tune", name, n, f"{name}-lr{lr}" if file is None else None,
-                    file=file)
-        file = root / "k8" / WEIGHTS if lr == PRESET_LR["k8"] else None
-        add(f"k8-lr{lr}@8", "tune", "hypersd", 8, f"k8-lr{lr}" if file is None else None, file=file)
+                add(f"{name}-lr{lr}@{n}", "tune", name, n, f"{name}-lr{lr}")
+        add(f"k8-lr{lr}@8", "tune", "hypersd", 8, f"k8-lr{lr}")
     # quality against training samples (checkpoints)
     for name in ("lcm", "tcd"):
         for ck in sorted((root / name / "checkpoints").glob("step-*")):

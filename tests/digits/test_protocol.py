@@ -242,11 +242,13 @@ def test_faithful_stage_rows_have_equal_budgets():
     assert (cfg["k8"].t_end, cfg["k8-tuniform"].t_end) == ("edge", "uniform")
     assert (cfg["k8"].offset_noise, cfg["k8-perturb"].offset_noise) == (0.0, 0.1)
     assert all(cfg[f"k{k}"].lr == 1e-3 for k in (8, 4, 2, 1))  # the search's choice
-    # the search: three points per method, the preset's own being the main run
-    from hypersd_core.digits.protocol import LR_POINTS, PRESET_LR
+    # the search: three points per method at the same steps, the preset's own included
+    from hypersd_core.digits.protocol import LR_POINTS, PRESET_LR, SWEEP_STEPS
     for name in ("lcm", "tcd", "k8"):
         swept = {r.name for r in runs.values() if r.name.startswith(f"{name}-lr")}
-        assert swept == {f"{name}-lr{p}" for p in LR_POINTS if p != PRESET_LR[name]}
+        assert swept == {f"{name}-lr{p}" for p in LR_POINTS}
+        assert {cfg[n].steps for n in swept} == {SWEEP_STEPS}
+        assert {cfg[n].lr for n in swept} == {float(p) for p in LR_POINTS}
         assert float(PRESET_LR[name]) == cfg[name].lr
 
 
