@@ -5,8 +5,9 @@ shapes, two letters), a colour, a size and a place; shapes are drawn filled, out
 strokes), striped or shaded, letters in one of four fonts. Captions follow a small grammar
 like real prompts:
 
-- relation: ``"a small red triangle left of a large blue letter K"`` (left of / right of /
-  above / below; the size word is sometimes left out, and then not constrained);
+- relation: ``"a small red triangle left of a large blue letter K"`` (left of / above: a
+  relation names its objects in reading order, the left or upper one first; the size word
+  is sometimes left out, and then not constrained);
 - count: ``"three small green circles"`` (two or three identical objects).
 
 Everything a scene is made of is its ground truth (objects, attributes, cells, boxes), so
@@ -47,7 +48,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOUR_NAMES = list(COLOURS)
 SIZES = {"small": (13, 17), "large": (23, 28)}  # box side in pixels, inclusive range
 SIZE_NAMES = list(SIZES)
-RELATIONS = ["left of", "right of", "above", "below"]
+RELATIONS = ["left of", "right of", "above", "below"]  # what prompts may say
+# A scene's own caption names the left or upper object first: "B right of A" is captioned
+# "A left of B". The same seed draws the same image either way; only the caption changes.
+# With all four relations in the captions, a stock UNet (no positional input) never learnt
+# to turn the relation word into a side (position at chance in eight probes,
+# docs/scenes.md); in reading order it must still tell "left of" from "above" and bind each
+# object's attributes to its place.
+READING_ORDER = {"right of": "left of", "below": "above"}
+CAPTION_RELATIONS = ["left of", "above"]
 COUNTS = {2: "two", 3: "three"}
 STYLES = 4  # drawing styles: fonts for letters, fill styles for shapes
 FONTS = ["DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf",
@@ -172,6 +181,12 @@ def sample_scene(seed: int) -> Scene:
         x = o.cell[1] * CELL + int(rng.integers(2, CELL - side - 1))
         y = o.cell[0] * CELL + int(rng.integers(2, CELL - side - 1))
         o.box = (x, y, x + side, y + side)
+    if scene.relation in READING_ORDER:  # the same draws, captioned in reading order
+        a, b = scene.objects[::-1]
+        given = scene.size_given[::-1]
+        rel = READING_ORDER[scene.relation]
+        scene = Scene(caption_relation(a, rel, b, *given), "relation", [a, b], relation=rel,
+                      size_given=given, style=style, seed=seed)
     return scene
 
 

@@ -54,6 +54,18 @@ def test_objects_sit_inside_their_cells_and_relations_hold():
             assert len({o.cell for o in s.objects}) == s.count
 
 
+def test_captions_name_the_left_or_upper_object_first_and_prompts_may_say_either():
+    items = W.scenes("train", 400)
+    rel = [s for s in items if s.template == "relation"]
+    assert {s.relation for s in rel} == set(W.CAPTION_RELATIONS)
+    # all four layouts are still drawn: the first-named object sits in either row
+    # (left of) or either column (above)
+    assert {s.objects[0].cell for s in rel if s.relation == "left of"} == {(0, 0), (1, 0)}
+    assert {s.objects[0].cell for s in rel if s.relation == "above"} == {(0, 0), (0, 1)}
+    mirrored = W.parse_caption("a small red triangle right of a blue letter K")
+    assert mirrored.relation == "right of" and mirrored.objects[0].cls == "triangle"
+
+
 def test_splits_are_disjoint_seed_ranges():
     seeds = {k: {W.scene_seed(k, i) for i in (0, W.SPLIT_SIZE - 1)} for k in W.SPLITS}
     ranges = sorted((min(v), max(v)) for v in seeds.values())
