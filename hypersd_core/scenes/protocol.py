@@ -53,6 +53,14 @@ def protocol_runs() -> list[RunSpec]:
         RunSpec("dmd", "scenes-dmd", parent="k1"),
         RunSpec("lcm", "scenes-lcm", BASELINE_BUDGET),
         RunSpec("tcd", "scenes-tcd", BASELINE_BUDGET),
+        # ablation: the chain's k2 / k1 without PCM's adversarial term, and DMD2 from that
+        # k=1 (each with the budget of the run it replaces)
+        RunSpec("k2-advoff", "scenes-tscd-k2", ("adv_weight=0.0",), "k4", "ablation",
+                "adversarial term off"),
+        RunSpec("k1-advoff", "scenes-tscd-k1", ("adv_weight=0.0",), "k2-advoff", "ablation",
+                "adversarial term off"),
+        RunSpec("dmd-advoff", "scenes-dmd", (), "k1-advoff", "ablation",
+                "DMD2 from the k=1 adapter trained without the adversarial term"),
     ]
 
 
@@ -72,6 +80,13 @@ def row_specs(root: Path, steps=STEPS) -> list[dict]:
                          "adapter": matched_adapter(root, b, samples.get(f"k{n}"))})
             rows.append({"label": f"{b}@{n}/u", "method": b, "steps": n,
                          "adapter": root / b / WEIGHTS})
+    for n in steps:  # the ablation's rows, where its runs exist
+        if n in (1, 2) and (root / f"k{n}-advoff").is_dir():
+            rows.append({"label": f"hypersd-advoff@{n}", "method": "hypersd", "steps": n,
+                         "adapter": root / f"k{n}-advoff" / WEIGHTS})
+        if (root / "dmd-advoff").is_dir():
+            rows.append({"label": f"unified-advoff@{n}", "method": "hypersd-unified",
+                         "steps": n, "adapter": root / "dmd-advoff" / WEIGHTS})
     return rows
 
 
@@ -80,7 +95,8 @@ def lead_pairs(labels, steps=STEPS) -> list[tuple[str, str]]:
     out = []
     for n in steps:
         for b in ("lcm", "tcd"):
-            out += [(f"hypersd@{n}", f"{b}@{n}"), (f"unified@{n}", f"{b}@{n}/u")]
+            out += [(f"hypersd@{n}", f"{b}@{n}"), (f"unified@{n}", f"{b}@{n}/u"),
+                    (f"hypersd-advoff@{n}", f"{b}@{n}"), (f"unified-advoff@{n}", f"{b}@{n}/u")]
     return [(a, b) for a, b in out if a in labels and b in labels]
 
 

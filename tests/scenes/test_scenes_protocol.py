@@ -41,6 +41,27 @@ def test_rows_pair_each_baseline_checkpoint_with_the_compared_rows_samples(tmp_p
     assert ("hypersd@2", "tcd@2") in lead_pairs(set(rows))
 
 
+def test_the_adversarial_ablation_replaces_k2_k1_and_dmd_at_their_budgets(tmp_path):
+    from hypersd_core.scenes.protocol import lead_pairs, row_specs
+
+    runs = {r.name: r for r in load_world("scenes").runs()}
+    cfg = {n: load_preset(r.preset, list(r.overrides)) for n, r in runs.items()}
+    for name, main in (("k2-advoff", "k2"), ("k1-advoff", "k1"), ("dmd-advoff", "dmd")):
+        assert runs[name].group == "ablation" and runs[name].preset == runs[main].preset
+        assert cfg[name].steps * cfg[name].batch_size == cfg[main].steps * cfg[main].batch_size
+    assert cfg["k2-advoff"].adv_weight == 0.0 < cfg["k2"].adv_weight
+    assert (runs["k2-advoff"].parent, runs["k1-advoff"].parent, runs["dmd-advoff"].parent) \
+        == ("k4", "k2-advoff", "k1-advoff")
+    assert not any(r["label"].startswith(("hypersd-advoff", "unified-advoff"))
+                   for r in row_specs(tmp_path))  # no rows until the runs exist
+    for name in ("k1-advoff", "dmd-advoff"):
+        (tmp_path / name).mkdir()
+    labels = {r["label"] for r in row_specs(tmp_path)}
+    assert {"hypersd-advoff@1", "unified-advoff@1", "unified-advoff@8"} <= labels
+    assert "hypersd-advoff@2" not in labels
+    assert ("unified-advoff@1", "lcm@1/u") in lead_pairs(labels)
+
+
 def _row(rng, n, shift=0.0, acc=0.9):
     out = {"source": np.repeat(np.arange(n // 4), 4)}
     for k in ("class_acc", "colour_acc", "size_acc", "position_acc", "all_correct"):
