@@ -1,8 +1,11 @@
 """DMD2's training curves of a protocol root: the distribution-matching loss, the fake
 score's loss, the classifier's loss (chance 1.386) and the sample grids' rewards, for the
-reward-on (``dmd``) and reward-free (``dmd-nofb``) rows, smoothed over 10 logs.
+reward-on (``dmd``) and reward-free (``dmd-nofb``) rows, smoothed over 10 logs. Any
+world's protocol root: ``--runs`` names its DMD runs, and a panel none of them logs (the
+reward panel of a reward-free world) is left out.
 
 ``python -m hypersd_core.digits.dmd_curves --root runs/protocol --out dmd_curves.png``
+``python -m hypersd_core.digits.dmd_curves --root runs/protocol-scenes --runs dmd,dmd-advoff --out c.png``
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from hypersd_core.evaluation.sheet import save_figure
 PANELS = (("loss_dmd", "distribution-matching loss"), ("loss_fake", "fake-score loss"),
           ("loss_cls", "classifier loss (chance 1.386)"),
           ("reward/digits-quality", "sample grid: digits-quality"))
-COLOURS = {"dmd": "tab:purple", "dmd-nofb": "tab:pink"}
+COLOURS = {"dmd": "tab:purple", "dmd-nofb": "tab:pink", "dmd-advoff": "tab:olive"}
 
 
 def series(metrics: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -36,8 +39,13 @@ def plot(root: str | Path, out: str | Path, runs=("dmd", "dmd-nofb"), smooth: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS):
+    metrics = [Path(root) / run / "metrics.jsonl" for run in runs]
+    panels = [(key, title) for key, title in PANELS
+              if any(m.is_file() and len(series(m, key)[0]) for m in metrics)]
+    if not panels:
+        raise ValueError(f"no DMD metrics of runs {list(runs)} under {root}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
         for run in runs:
             path = Path(root) / run / "metrics.jsonl"
             if not path.is_file():
@@ -60,9 +68,10 @@ def plot(root: str | Path, out: str | Path, runs=("dmd", "dmd-nofb"), smooth: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m hypersd_core.digits.dmd_curves")
     p.add_argument("--root", default="runs/protocol")
+    p.add_argument("--runs", default="dmd,dmd-nofb", help="comma-separated DMD run names")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    print(plot(args.root, args.out))
+    print(plot(args.root, args.out, runs=tuple(args.runs.split(","))))
     return 0
 
 

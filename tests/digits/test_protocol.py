@@ -301,3 +301,8 @@ def test_dmd_curves_read_every_logged_point_and_draw_them(tmp_path):
     px = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).astype(int)
     purple = (abs(px[:, 0] - 148) < 30) & (abs(px[:, 1] - 103) < 30) & (abs(px[:, 2] - 189) < 30)
     assert purple.sum() > 50  # the dmd line is on the figure
+    (tmp_path / "dmd" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines[:-1])))
+    wide = Image.open(out).size[0]
+    assert Image.open(plot(tmp_path, tmp_path / "d.png")).size[0] < wide  # no reward panel
+    with pytest.raises(ValueError, match="no DMD metrics"):
+        plot(tmp_path, tmp_path / "e.png", runs=("dmd-advoff",))
