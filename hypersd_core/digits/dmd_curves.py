@@ -1,8 +1,8 @@
 """DMD2's training curves of a protocol root: the distribution-matching loss, the fake
-score's loss, the classifier's loss (chance 1.386) and the sample grids' rewards, for the
-reward-on (``dmd``) and reward-free (``dmd-nofb``) rows, smoothed over 10 logs. Any
-world's protocol root: ``--runs`` names its DMD runs, and a panel none of them logs (the
-reward panel of a reward-free world) is left out.
+score's loss, the classifier's loss (chance 1.386) and the rewards the sample grids were
+scored with (one panel each), for the reward-on (``dmd``) and reward-free (``dmd-nofb``)
+rows, the losses smoothed over 10 logs. Any world's protocol root: ``--runs`` names its
+DMD runs, and a loss none of them logs is left out.
 
 ``python -m hypersd_core.digits.dmd_curves --root runs/protocol --out dmd_curves.png``
 ``python -m hypersd_core.digits.dmd_curves --root runs/protocol-scenes --runs dmd,dmd-advoff --out c.png``
@@ -19,8 +19,8 @@ import numpy as np
 from hypersd_core.evaluation.sheet import save_figure
 
 PANELS = (("loss_dmd", "distribution-matching loss"), ("loss_fake", "fake-score loss"),
-          ("loss_cls", "classifier loss (chance 1.386)"),
-          ("reward/digits-quality", "sample grid: digits-quality"))
+          ("loss_cls", "classifier loss (chance 1.386)"))
+# then one panel per reward the sample grids were scored with (``reward/NAME``)
 COLOURS = {"dmd": "tab:purple", "dmd-nofb": "tab:pink", "dmd-advoff": "tab:olive"}
 
 
@@ -39,9 +39,11 @@ def plot(root: str | Path, out: str | Path, runs=("dmd", "dmd-nofb"), smooth: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [Path(root) / run / "metrics.jsonl" for run in runs]
-    panels = [(key, title) for key, title in PANELS
-              if any(m.is_file() and len(series(m, key)[0]) for m in metrics)]
+    metrics = [m for m in (Path(root) / run / "metrics.jsonl" for run in runs) if m.is_file()]
+    rewards = sorted({k for m in metrics for line in m.read_text().splitlines()
+                      for k in json.loads(line) if k.startswith("reward/")})
+    panels = [(key, title) for key, title in PANELS if any(len(series(m, key)[0]) for m in metrics)]
+    panels += [(k, f"sample grid: {k.split('/', 1)[1]}") for k in rewards]
     if not panels:
         raise ValueError(f"no DMD metrics of runs {list(runs)} under {root}")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
