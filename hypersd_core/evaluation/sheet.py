@@ -27,7 +27,8 @@ def draw_sheet(columns: dict[str, list], prompts: list[str], out: str | Path,
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(label, fontsize=8)
+                # a long label wraps so that it stays beside its own row
+                ax.set_ylabel("\n".join(textwrap.wrap(label, 18)), fontsize=8)
         axes[0, c].set_title("\n".join(textwrap.wrap(prompt, 22)), fontsize=6.5)
     return save_figure(fig, out, dpi=100)
 
