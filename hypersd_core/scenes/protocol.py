@@ -64,6 +64,10 @@ def protocol_runs() -> list[RunSpec]:
                 "adversarial term off"),
         RunSpec("dmd-advoff", "scenes-dmd", (), "k1-advoff", "ablation",
                 "DMD2 from the k=1 adapter trained without the adversarial term"),
+        # beyond the equal budget (rows only, not in the who-leads table): do DMD2's curves
+        # flatten, and what does one step gain, with three times the generator updates?
+        RunSpec("dmd-advoff-long", "scenes-dmd", ("steps=1500", "checkpoint_every=500"),
+                "k1-advoff", "ablation", "dmd-advoff trained 3x longer (beyond the budget)"),
     ]
 
 
@@ -90,6 +94,9 @@ def row_specs(root: Path, steps=STEPS) -> list[dict]:
         if (root / "dmd-advoff").is_dir():
             rows.append({"label": f"unified-advoff@{n}", "method": "hypersd-unified",
                          "steps": n, "adapter": root / "dmd-advoff" / WEIGHTS})
+        if n in (1, 2) and (root / "dmd-advoff-long").is_dir():
+            rows.append({"label": f"unified-advoff-long@{n}", "method": "hypersd-unified",
+                         "steps": n, "adapter": root / "dmd-advoff-long" / WEIGHTS})
     return rows
 
 

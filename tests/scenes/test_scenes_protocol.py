@@ -60,6 +60,11 @@ def test_the_adversarial_ablation_replaces_k2_k1_and_dmd_at_their_budgets(tmp_pa
     assert {"hypersd-advoff@1", "unified-advoff@1", "unified-advoff@8"} <= labels
     assert "hypersd-advoff@2" not in labels
     assert ("unified-advoff@1", "lcm@1/u") in lead_pairs(labels)
+    (tmp_path / "dmd-advoff-long").mkdir()  # beyond the budget: rows, never a who-leads pair
+    labels = {r["label"] for r in row_specs(tmp_path)}
+    assert {"unified-advoff-long@1", "unified-advoff-long@2"} <= labels
+    assert "unified-advoff-long@4" not in labels
+    assert not any(a.startswith("unified-advoff-long") for a, _ in lead_pairs(labels))
     pairs = lead_pairs(labels)  # the stricter pairs come after the equal-budget ones
     assert pairs.index(("unified-advoff@1", "lcm@1")) > pairs.index(("unified-advoff@8", "tcd@8/u"))
 
