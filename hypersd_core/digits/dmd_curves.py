@@ -25,8 +25,11 @@ COLOURS = {"dmd": "tab:purple", "dmd-nofb": "tab:pink", "dmd-advoff": "tab:olive
 
 
 def series(metrics: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(d["step"], d[key]) for d in map(json.loads, metrics.read_text().splitlines())
-           if key in d]
+    return _points([json.loads(line) for line in metrics.read_text().splitlines()], key)
+
+
+def _points(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(d["step"], d[key]) for d in records if key in d]
     if not pts:
         return np.zeros(0), np.zeros(0)
     x, y = map(np.asarray, zip(*pts))
@@ -39,20 +42,18 @@ def plot(root: str | Path, out: str | Path, runs=("dmd", "dmd-nofb"), smooth: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in (Path(root) / run / "metrics.jsonl" for run in runs) if m.is_file()]
-    rewards = sorted({k for m in metrics for line in m.read_text().splitlines()
-                      for k in json.loads(line) if k.startswith("reward/")})
-    panels = [(key, title) for key, title in PANELS if any(len(series(m, key)[0]) for m in metrics)]
-    panels += [(k, f"sample grid: {k.split('/', 1)[1]}") for k in rewards]
+    logs = {run: [json.loads(line) for line in path.read_text().splitlines()]
+            for run in runs if (path := Path(root) / run / "metrics.jsonl").is_file()}
+    logged = {k for records in logs.values() for d in records for k in d}
+    panels = [(key, title) for key, title in PANELS if key in logged]
+    panels += [(k, f"sample grid: {k.split('/', 1)[1]}") for k in sorted(logged)
+               if k.startswith("reward/")]
     if not panels:
         raise ValueError(f"no DMD metrics of runs {list(runs)} under {root}")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        for run in runs:
-            path = Path(root) / run / "metrics.jsonl"
-            if not path.is_file():
-                continue
-            x, y = series(path, key)
+        for run, records in logs.items():
+            x, y = _points(records, key)
             if len(y) > smooth and not key.startswith("reward/"):
                 y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
                 x = x[smooth - 1:]

@@ -14,7 +14,8 @@ row's samples (``lcm@N``: the k=N adapter's count; ``lcm@N/u``: unified's). Who 
 paired cluster-bootstrap differences, Holm-adjusted over the whole table, which also holds
 unified against ``lcm@N`` (a baseline that gets worse with more samples is met at its
 earlier checkpoint too). Ablation (``group: ablation``): k2 / k1 without the adversarial
-term and DMD2 from that k=1 (rows ``hypersd-advoff@N``, ``unified-advoff@N``).
+term and DMD2 from that k=1 (rows ``hypersd-advoff@N``, ``unified-advoff@N``), and that
+DMD2 trained 3x longer, beyond the budget (rows ``unified-advoff-long@1/2``, no verdicts).
 """
 
 from __future__ import annotations
